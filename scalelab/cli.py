@@ -1,0 +1,183 @@
+"""The ``scalelab`` command: ``scalelab <stage> ...``, a thin layer over scalelab.pipeline.
+
+Every stage that takes a config accepts ``--config FILE`` and any number of
+``--set section.key=value`` overrides (TOML values: 3e-4, true, "text", [1, 2]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scalelab.errors import ScalelabError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML recipe (see configs/); defaults apply to keys it leaves out")
+    p.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalelab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    p = sub.add_parser("pretrain", help="corpus -> tokenizer -> pretrain -> eval vs n-gram -> sample -> report")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete run.out_dir first and start again")
+    p.add_argument("--skip-eval", action="store_true", help="train only: no eval, samples or report")
+
+    p = sub.add_parser("eval", help="evaluate a run: val loss, bits per byte, n-gram baseline, task exact match")
+    p.add_argument("run_dir")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("sample", help="sample text from a run's model with its KV cache")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", "-p", default=None, help="text to continue (default: sample.prompt from the run config)")
+    p.add_argument("--num-samples", "-n", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", "-t", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+    p = sub.add_parser("report", help="(re)write report.md and loss.png for a run folder")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer on the configured corpus and report its compression")
+    p.add_argument("action", choices=["train"])
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="folder to save the tokenizer in")
+
+    p = sub.add_parser("data", help="write the embedded synthetic world corpus and its QA view to files")
+    p.add_argument("action", choices=["world"])
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="folder for corpus.jsonl and qa.jsonl")
+
+    p = sub.add_parser("config", help="print the resolved config as TOML")
+    p.add_argument("action", choices=["show"])
+    _add_config_args(p)
+    return parser
+
+
+def _cmd_pretrain(args) -> None:
+    from scalelab.config import load_config
+    from scalelab.pipeline import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    stages = () if args.skip_eval else ("eval", "sample", "report")
+    summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, stages=stages)
+    if "eval" in summary:
+        _print_eval(summary["eval"])
+    for s in summary.get("samples", []):
+        print(f"\n--- sample ---\n{s['prompt']}{s['completion']}")
+    print(f"\nrun folder: {cfg.run.out_dir}")
+
+
+def _print_eval(ev: dict) -> None:
+    print(f"val loss {ev['val_loss']:.4f} nats/token | val bpb {ev['val_bpb']:.4f} | "
+          f"{ev['ngram_order']}-gram KN bpb {ev['ngram_val_bpb']:.4f} "
+          f"({100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits than the baseline)")
+    for name, t in ev.get("tasks", {}).items():
+        print(f"  {name}: exact match {t['accuracy']:.3f} (n={t['n']})")
+
+
+def _cmd_eval(args) -> None:
+    from scalelab.pipeline import evaluate, load_run_config
+
+    cfg = load_run_config(args.run_dir, args.overrides)
+    _print_eval(evaluate(args.run_dir, cfg))
+
+
+def _cmd_sample(args) -> None:
+    from scalelab.pipeline import load_run_config, sample
+
+    overrides = []
+    for flag, key in (("num_samples", "num_samples"), ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"),
+                      ("top_k", "top_k"), ("top_p", "top_p"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"sample.{key}={value}")
+    if args.stop:
+        overrides.append("sample.stop=" + json.dumps(args.stop))
+    cfg = load_run_config(args.run_dir, overrides)
+    for s in sample(args.run_dir, cfg, prompt=args.prompt):
+        print(f"--- sample ---\n{s['prompt']}{s['completion']}")
+
+
+def _cmd_report(args) -> None:
+    from scalelab.report import write_report
+
+    if not Path(args.run_dir, "metrics.jsonl").is_file():
+        raise ScalelabError(f"{args.run_dir} is not a run folder (no metrics.jsonl)")
+    print(write_report(args.run_dir))
+
+
+def _cmd_tokenizer(args) -> None:
+    from scalelab.config import load_config
+    from scalelab.pipeline import load_corpus
+    from scalelab.tokenizer import build_tokenizer, bytes_per_token
+
+    cfg = load_config(args.config, args.overrides)
+    docs = load_corpus(cfg)
+    n_val = max(1, int(len(docs) * cfg.data.val_fraction)) if len(docs) > 1 else 0
+    train_docs, val_docs = docs[n_val:], docs[:n_val] or docs
+    tok = build_tokenizer(cfg.tokenizer.kind, train_docs, cfg.tokenizer.vocab_size)
+    tok.save(args.out)
+    print(f"{cfg.tokenizer.kind} tokenizer, vocab {tok.vocab_size}, saved to {args.out}; "
+          f"held-out compression {bytes_per_token(tok, val_docs):.3f} bytes/token")
+
+
+def _cmd_data(args) -> None:
+    from scalelab.config import load_config
+    from scalelab.data.world import World
+
+    cfg = load_config(args.config, args.overrides)
+    world = World(cfg.data.world)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = world.pretraining_documents()
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    with open(out / "qa.jsonl", "w", encoding="utf-8") as f:
+        for q in world.qa_pairs():
+            f.write(json.dumps({"question": q.question, "answer": q.answer, "person_id": q.person_id,
+                                "attribute": q.attribute}) + "\n")
+    world.save(out / "world.json")
+    print(f"wrote {len(docs)} documents to {out / 'corpus.jsonl'} and the QA view to {out / 'qa.jsonl'}")
+
+
+def _cmd_config(args) -> None:
+    from scalelab.config import load_config, to_toml
+
+    print(to_toml(load_config(args.config, args.overrides)), end="")
+
+
+COMMANDS = {
+    "pretrain": _cmd_pretrain, "eval": _cmd_eval, "sample": _cmd_sample, "report": _cmd_report,
+    "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ScalelabError as e:
+        print(f"scalelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scalelab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

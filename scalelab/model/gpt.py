@@ -1,0 +1,300 @@
+"""A decoder-only Transformer, written as if for one device with unlimited memory.
+
+Nothing here knows about processes, meshes or devices: sharding plans live in
+scalelab.parallel and wrap this module from outside.
+
+Choices (each a common modern default):
+- RoPE in the rotate-half layout and learnable RMSNorm weights, so the weights
+  map one-to-one onto Llama/Qwen3-style checkpoints for export;
+- pre-norm residual blocks, no biases;
+- ReLU² or SwiGLU MLP; optional per-head QK RMSNorm (stabilises attention logits);
+- grouped-query attention through scaled_dot_product_attention;
+- one size dial: ``depth`` sets width (depth × aspect_ratio) and heads (width / head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalelab.errors import ScalelabError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    block_size: int = 256
+    depth: int = 4
+    aspect_ratio: int = 64  # width = depth * aspect_ratio unless n_embd is set
+    head_dim: int = 64
+    n_embd: int = 0  # 0: derived from depth
+    n_head: int = 0  # 0: n_embd // head_dim
+    n_kv_head: int = 0  # 0: n_head (plain multi-head attention); fewer gives GQA
+    mlp: str = "relu2"  # relu2 | swiglu | gelu
+    mlp_hidden: int = 0  # 0: 4 * n_embd (swiglu: 8/3 * n_embd rounded up to 64)
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def resolved(self) -> "GPTConfig":
+        """A copy with every derived size filled in."""
+        c = GPTConfig(**self.__dict__)
+        if c.n_embd == 0:
+            c.n_embd = c.depth * c.aspect_ratio
+        if c.n_head == 0:
+            c.n_head = max(1, c.n_embd // c.head_dim)
+        if c.n_embd % c.n_head:
+            raise ScalelabError(f"invalid config: model.n_embd={c.n_embd} is not divisible by model.n_head={c.n_head}")
+        c.head_dim = c.n_embd // c.n_head
+        if c.n_kv_head == 0:
+            c.n_kv_head = c.n_head
+        if c.n_head % c.n_kv_head:
+            raise ScalelabError(f"invalid config: model.n_head={c.n_head} is not a multiple of model.n_kv_head={c.n_kv_head}")
+        if c.mlp_hidden == 0:
+            c.mlp_hidden = 4 * c.n_embd if c.mlp != "swiglu" else 64 * math.ceil(8 * c.n_embd / 3 / 64)
+        return c
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise ScalelabError("invalid config: model.depth must be at least 1")
+        if self.block_size < 2:
+            raise ScalelabError("invalid config: model.block_size must be at least 2")
+        if self.mlp not in ("relu2", "swiglu", "gelu"):
+            raise ScalelabError("invalid config: model.mlp must be one of relu2, swiglu, gelu")
+        if self.head_dim % 2:
+            raise ScalelabError("invalid config: model.head_dim must be even (RoPE rotates pairs)")
+        self.resolved()
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout, as in Llama checkpoints
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated to ``max_len`` positions.
+
+    All rows of a batch share one position counter; variable-length batching is
+    the inference engine's job (scalelab.infer), built on top of this.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        c = cfg.resolved()
+        shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.depth)]
+        self.pos = 0
+        self.max_len = max_len
+
+    def expand(self, n: int) -> "KVCache":
+        """Repeat each row n times: a prompt prefilled once serves n samples."""
+        out = KVCache.__new__(KVCache)
+        out.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        out.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        out.pos, out.max_len = self.pos, self.max_len
+        return out
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_head != self.n_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            start = cache.pos
+            cache.k[self.layer][:, :, start : start + T] = k
+            cache.v[self.layer][:, :, start : start + T] = v
+            k_all = cache.k[self.layer][:, :, : start + T]
+            v_all = cache.v[self.layer][:, :, : start + T]
+            if T == 1:  # one new token sees everything before it: no mask needed
+                y = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=gqa)
+            else:
+                # new query i sits at absolute position start+i and may see keys 0..start+i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.kind = c.mlp
+        if c.mlp == "swiglu":
+            self.gate_proj = nn.Linear(c.n_embd, c.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(c.mlp_hidden, c.n_embd, bias=False)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.attn = Attention(c, layer)
+        self.mlp_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ScalelabError("invalid config: model.vocab_size must be set (it comes from the tokenizer)")
+        cfg.validate()
+        self.config = cfg.resolved()
+        c = self.config
+        self.embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.depth))
+        self.final_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta)
+        # Buffers are not persistent: they are recomputed, so checkpoints hold weights only.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        c = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # Zero-init residual outputs: every block starts as the identity, which
+                # lets a high learning rate work from step one.
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=c.init_std)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=c.init_std)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ):
+        """Logits (B, T, V), or the cross-entropy loss when targets are given.
+
+        Targets equal to -1 are ignored (masked positions, e.g. prompts in SFT).
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ScalelabError(
+                f"sequence of {start + T} tokens is longer than the model's context of {self.config.block_size}"
+            )
+        cos = self.rope_cos[start : start + T]
+        sin = self.rope_sin[start : start + T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+
+    # -- accounting ---------------------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Exact trainable parameter count; a tied lm_head is counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.embed.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B convention.
+
+        6 × (every weight used in a matmul, the lm_head included, the embedding
+        lookup excluded) + 12 × layers × heads × head_dim × sequence length for the
+        attention scores and their weighted sum (counted as full, not causal).
+        """
+        c = self.config
+        t = seq_len or c.block_size
+        matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != "embed.weight")
+        if c.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        return 6 * matmul_params + 12 * c.depth * c.n_head * c.head_dim * t
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay the matmul weights only, never norms or embeddings."""
+        decay, no_decay = [], []
+        seen = set()
+        for name, p in self.named_parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            is_embedding = name in ("embed.weight", "lm_head.weight")
+            (decay if p.dim() == 2 and not is_embedding else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -1,0 +1,225 @@
+"""The pretraining loop: one code path for 1 process or many under torchrun.
+
+Batch size, gradient accumulation and the learning-rate schedule are defined by
+the global batch, so the number of processes changes only who computes which
+rows, never the training math.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalelab.config import Config
+from scalelab.data.loader import TokenLoader, eval_batches
+from scalelab.errors import ScalelabError
+from scalelab.model.gpt import GPT
+from scalelab.parallel.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, unwrap, wrap_data_parallel
+from scalelab.runtime import autocast_context, resolve_device, seed_everything
+from scalelab.train import checkpoint as ckpt
+from scalelab.train.metrics import MetricsLogger
+from scalelab.train.optim import build_optimizer, lr_at
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of every step run in this call
+    final_val_loss: float = float("nan")
+    best_val_loss: float = float("nan")
+    tokens_seen: int = 0
+    wall_seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    max_batches: int | None,
+    device: torch.device,
+    dtype: str,
+    env: DistEnv = DistEnv(),
+) -> tuple[float, int]:
+    """Mean next-token loss (nats) over deterministic windows of ``tokens``; also the token count.
+
+    Batches are dealt round-robin to processes and the sums are all-reduced.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, (x, y) in enumerate(eval_batches(tokens, batch_size, block_size, max_batches)):
+        if i % env.world_size != env.rank:
+            continue
+        with autocast_context(device, dtype):
+            loss_sum = model(x.to(device), y.to(device), reduction="sum")
+        total[0] += loss_sum.double().cpu()
+        total[1] += y.numel()
+    total = all_reduce_sum(total, env)
+    model.train(was_training)
+    if total[1] == 0:
+        raise ScalelabError(f"validation split has too few tokens for one block of {block_size + 1}")
+    return float(total[0] / total[1]), int(total[1])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        val_bytes_per_token: float,
+        env: DistEnv = DistEnv(),
+        model: GPT | None = None,
+    ):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.val_tokens = val_tokens
+        self.val_bytes_per_token = val_bytes_per_token
+        t = cfg.train
+        per_step_rows = t.batch_size
+        if per_step_rows % (env.world_size * t.grad_accum):
+            raise ScalelabError(
+                f"invalid config: train.batch_size={t.batch_size} must be divisible by processes × train.grad_accum "
+                f"= {env.world_size} × {t.grad_accum}"
+            )
+        self.device = resolve_device(cfg.run.device, env.local_rank)
+        seed_everything(cfg.run.seed)
+        self.model = (model or GPT(cfg.model)).to(self.device)
+        self.block_size = self.model.config.block_size
+        self.loader = TokenLoader(
+            train_tokens, t.batch_size, self.block_size, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size
+        )
+        self.optimizer = build_optimizer(self.model, t)
+        self.step = 0
+        self.train_model = wrap_data_parallel(self.model, env, self.device)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        path = None
+        if self.env.is_main:
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.step, self.loader.state_dict())
+        barrier(self.env)
+        return path or self.ckpt_dir / f"step_{self.step:06d}"
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint, exactly where it stopped. False if there is none."""
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        state = ckpt.load_train_state(path)
+        ckpt.load_weights_into(self.model, path / ckpt.MODEL_FILE)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        return True
+
+    # -- loop -----------------------------------------------------------------------------------------
+
+    def eval_val(self) -> tuple[float, float]:
+        t = self.cfg.train
+        loss, _ = evaluate_loss(
+            self.model, self.val_tokens, max(1, t.batch_size // self.env.world_size), self.block_size,
+            t.eval_batches, self.device, t.dtype, self.env,
+        )
+        return loss, loss / math.log(2) / self.val_bytes_per_token
+
+    def train_step(self) -> float:
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.loader.next_batch()
+        micro_x, micro_y = x.chunk(t.grad_accum), y.chunk(t.grad_accum)
+        loss_total = torch.zeros((), dtype=torch.float32)
+        for i, (mx, my) in enumerate(zip(micro_x, micro_y)):
+            last = i == t.grad_accum - 1
+            # Only the last micro-batch all-reduces gradients under DDP.
+            sync = self.train_model.no_sync() if (self.env.enabled and not last) else _null()
+            with sync, autocast_context(self.device, t.dtype):
+                loss = self.train_model(mx.to(self.device, non_blocking=True), my.to(self.device, non_blocking=True))
+                (loss / t.grad_accum).backward()
+            loss_total += loss.detach().float().cpu() / t.grad_accum
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(all_reduce_mean(loss_total, self.env))
+
+    def fit(self, steps: int | None = None, logger: MetricsLogger | None = None) -> TrainResult:
+        """Run until ``steps`` (default: train.steps) optimizer steps have been taken in total."""
+        t = self.cfg.train
+        end = t.steps if steps is None else steps
+        tokens_per_step = t.batch_size * self.block_size
+        result = TrainResult(steps=end)
+        bar = None
+        if self.env.is_main and self.cfg.run.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        start_time = time.perf_counter()
+        last_time, best = start_time, float("inf")
+        self.train_model.train()
+        while self.step < end:
+            loss = self.train_step()
+            if not math.isfinite(loss):
+                raise ScalelabError(f"training loss became {loss} at step {self.step}; lower train.lr or check the data")
+            result.losses.append(loss)
+            now = time.perf_counter()
+            if logger and (self.step % t.log_every == 0 or self.step == end):
+                logger.log(
+                    kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t),
+                    tokens=self.step * tokens_per_step, tok_per_s=tokens_per_step / max(now - last_time, 1e-9),
+                    elapsed=now - start_time,
+                )
+            last_time = now
+            if self.step % t.eval_every == 0 or self.step == end:
+                val_loss, val_bpb = self.eval_val()
+                best = min(best, val_loss)
+                result.final_val_loss = val_loss
+                if logger:
+                    logger.log(kind="eval", step=self.step, val_loss=val_loss, val_bpb=val_bpb, elapsed=now - start_time)
+                if bar:
+                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
+            elif bar and self.step % t.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step != end:
+                self.save()
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        result.best_val_loss = best
+        result.tokens_seen = self.step * tokens_per_step
+        result.wall_seconds = time.perf_counter() - start_time
+        result.checkpoint = self.save()
+        return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
