@@ -35,7 +35,7 @@ class RunConfig:
 class DataConfig:
     source: str = "world"  # world | text | jsonl | parquet | hf
     path: str = ""  # file or folder for text/jsonl/parquet; dataset name or saved dir for hf
-    field: str = "text"  # JSONL field / Parquet column / HF column holding the text
+    text_field: str = "text"  # JSONL field / Parquet column / HF column holding the text
     split: str = "train"  # HF split
     val_fraction: float = 0.1
     world: WorldConfig = field(default_factory=WorldConfig)

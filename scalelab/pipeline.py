@@ -53,7 +53,7 @@ def load_corpus(cfg: Config) -> list[str]:
     d = cfg.data
     if d.source == "world":
         return World(d.world).pretraining_documents()
-    return load_documents(d.source, d.path, field=d.field, split=d.split)
+    return load_documents(d.source, d.path, field=d.text_field, split=d.split)
 
 
 def prepare(cfg: Config, run_dir: str | Path, env: DistEnv = DistEnv()) -> PreparedData:

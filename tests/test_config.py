@@ -8,7 +8,7 @@ from scalelab.train.optim import lr_at
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text('[train]\nlr = 1e-3\nsteps = 10\n[model]\ndepth = 2\n[data.world]\nn_people = 50\n')
-    cfg = load_config(f, ["train.lr=3e-4", "model.qk_norm=false", "run.name=x", "sample.stop=['\\n']",
+    cfg = load_config(f, ["train.lr=3e-4", "model.qk_norm=false", "run.name=x", 'sample.stop=["\\n"]',
                           "data.world.extra_tasks={arithmetic = 5}"])
     assert cfg.train.lr == 3e-4 and cfg.train.steps == 10 and cfg.model.depth == 2
     assert cfg.model.qk_norm is False and cfg.run.name == "x" and cfg.sample.stop == ["\n"]

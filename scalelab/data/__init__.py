@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic world, task generators, user corpora, token shards and the loader."""

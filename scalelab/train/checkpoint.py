@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scalelab.errors import ScalelabError
@@ -86,7 +86,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ScalelabError(f"weights file not found: {p}")
     try:
         return load_file(str(p))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ScalelabError(f"{p} is not a readable safetensors file ({e})") from None
 
 

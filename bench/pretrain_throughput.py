@@ -1,0 +1,99 @@
+"""Pretraining throughput: tokens/s and achieved FLOP/s as a fraction of the fp32 matmul peak.
+
+Both numbers are measured side by side in one run on this machine:
+1. the peak: the best of several large square fp32 matrix products;
+2. full training steps (forward, backward, AdamW) of a GPT of 4M+ parameters at context 256.
+
+Achieved FLOP/s counts the model's training FLOPs per token (PaLM convention, see
+GPT.flops_per_token) times tokens/s. Results are appended to bench/results/pretrain_throughput.md.
+
+    python bench/pretrain_throughput.py [--depth 4] [--batch 16] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from scalelab.model.gpt import GPT, GPTConfig
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def train_throughput(cfg: GPTConfig, batch: int, steps: int, warmup: int = 3, compile: bool = False) -> tuple[float, GPT]:
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    step_model = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    return batch * cfg.block_size / median, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--mlp", default="relu2")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor fuses the elementwise ops)")
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "pretrain_throughput.md"))
+    args = ap.parse_args()
+
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, depth=args.depth, n_embd=args.n_embd, mlp=args.mlp)
+    peak_before = matmul_peak_flops()
+    tok_s, model = train_throughput(cfg, args.batch, args.steps, compile=args.compile)
+    peak_after = matmul_peak_flops()
+    peak = max(peak_before, peak_after)
+    achieved = tok_s * model.flops_per_token()
+    frac = achieved / peak
+    c = model.config
+    lines = [
+        f"model: depth {c.depth}, width {c.n_embd}, heads {c.n_head}, mlp {c.mlp}, vocab {c.vocab_size}, context {c.block_size}",
+        f"parameters: {model.num_params():,} ({model.num_params(False):,} non-embedding); training FLOPs/token {model.flops_per_token():,}",
+        f"batch {args.batch} x {args.block} tokens, median of {args.steps} steps, fp32, {torch.get_num_threads()} threads, compile={args.compile}",
+        f"fp32 matmul peak (2048^3 mm, best of 8, before/after): {peak_before / 1e9:.1f} / {peak_after / 1e9:.1f} GFLOP/s",
+        f"training throughput: {tok_s:,.0f} tokens/s = {achieved / 1e9:.1f} GFLOP/s",
+        f"fraction of peak: {frac:.1%}",
+    ]
+    print("\n".join(lines))
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
+        f.write(f"- command: `python {' '.join(sys.argv)}`\n")
+        f.write(f"- machine: {platform.machine()}, {platform.processor() or '?'}, torch {torch.__version__}\n")
+        f.writelines(f"- {line}\n" for line in lines)
+
+
+if __name__ == "__main__":
+    main()

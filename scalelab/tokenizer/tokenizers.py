@@ -1,0 +1,285 @@
+"""Tokenizers: byte-level BPE (HF ``tokenizers``), characters, and raw bytes.
+
+All three share one interface and reserve the same special tokens for chat and
+tools. Special tokens are never produced from user text: ``encode`` treats a
+string like "<|bos|>" inside text as ordinary characters, so data cannot forge
+a turn boundary; special ids come only from ``token_id``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from scalelab.errors import ScalelabError
+
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|tool_call_start|>",
+    "<|tool_call_end|>",
+    "<|tool_output_start|>",
+    "<|tool_output_end|>",
+)
+META_FILE = "tokenizer_meta.json"
+
+
+class Tokenizer:
+    kind = "base"
+    vocab_size: int
+    special_ids: dict[str, int]
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    def token_id(self, special: str) -> int:
+        if special not in self.special_ids:
+            raise ScalelabError(f"unknown special token {special!r} (known: {', '.join(self.special_ids)})")
+        return self.special_ids[special]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        raise NotImplementedError
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (0 for special tokens)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values, then the special tokens: no training, no unknowns."""
+
+    kind = "byte"
+
+    def __init__(self):
+        self.special_ids = {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self._special_by_id = {v: k for k, v in self.special_ids.items()}
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if not skip_special:
+                out.append(self._special_by_id[i])
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        return np.array([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=np.int64)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind}))
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet; characters outside it are an error, not a silent <unk>."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_ids = {s: len(self.chars) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = len(self.chars) + len(SPECIAL_TOKENS)
+        self._special_by_id = {v: k for k, v in self.special_ids.items()}
+
+    @classmethod
+    def from_text(cls, text: str | Iterable[str]) -> "CharTokenizer":
+        chars: set[str] = set()
+        for t in [text] if isinstance(text, str) else text:
+            chars.update(t)
+        if not chars:
+            raise ScalelabError("empty corpus: cannot build a character vocabulary from no text")
+        return cls(sorted(chars))
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        try:
+            ids = [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ScalelabError(f"character {e.args[0]!r} is not in this character tokenizer's alphabet") from None
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        n = len(self.chars)
+        return "".join(
+            self.chars[i] if i < n else ("" if skip_special else self._special_by_id[i]) for i in map(int, ids)
+        )
+
+    def token_byte_lengths(self) -> np.ndarray:
+        return np.array([len(c.encode("utf-8")) for c in self.chars] + [0] * len(SPECIAL_TOKENS), dtype=np.int64)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind, "chars": self.chars}, ensure_ascii=False))
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE from HF ``tokenizers``; saved as tokenizer.json, which HF transformers reads."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.special_ids = {s: hf_tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
+        if any(v is None for v in self.special_ids.values()):
+            raise ScalelabError("tokenizer.json lacks scalelab's special tokens; it was not trained by scalelab")
+        self._special_set = set(self.special_ids.values())
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._encode_plain([text])[0]
+        return [self.bos_id] + ids if add_bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._encode_plain(list(texts))
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        # HF would turn "<|bos|>" in user text into the special id. Encoding text with special
+        # strings split apart by a marker we then drop is fiddly; instead, text that contains a
+        # special string is encoded around it piece by piece, the special string as plain bytes.
+        out = []
+        plain = [not any(s in t for s in SPECIAL_TOKENS) for t in texts]
+        fast = self.hf.encode_batch([t for t, ok in zip(texts, plain) if ok], add_special_tokens=False)
+        fast_iter = iter(fast)
+        for t, ok in zip(texts, plain):
+            out.append(next(fast_iter).ids if ok else self._encode_with_literal_specials(t))
+        return out
+
+    def _encode_with_literal_specials(self, text: str) -> list[int]:
+        ids: list[int] = []
+        rest = text
+        while rest:
+            hits = [(rest.find(s), s) for s in SPECIAL_TOKENS if s in rest]
+            if not hits:
+                ids += self.hf.encode(rest, add_special_tokens=False).ids
+                break
+            pos, s = min(hits)
+            if pos:
+                ids += self.hf.encode(rest[:pos], add_special_tokens=False).ids
+            # "<|" and the rest encode separately, so the pair never matches the special token
+            ids += self.hf.encode(s[:1], add_special_tokens=False).ids + self.hf.encode(s[1:], add_special_tokens=False).ids
+            rest = rest[pos + len(s):]
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            return self.hf.decode([i for i in ids if i not in self._special_set], skip_special_tokens=False)
+        # decode runs of ordinary tokens together, so multi-byte characters split across tokens survive
+        out, run = [], []
+        for i in ids:
+            if i in self._special_set:
+                out.append(self.hf.decode(run, skip_special_tokens=False) if run else "")
+                out.append(self.hf.id_to_token(i))
+                run = []
+            else:
+                run.append(i)
+        if run:
+            out.append(self.hf.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        # The byte-level alphabet maps each byte to one printable character; count characters back to bytes.
+        alphabet = set(ByteLevel.alphabet())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, idx in self.hf.get_vocab().items():
+            if idx not in self._special_set:
+                lengths[idx] = sum(1 for ch in token if ch in alphabet)
+        return lengths
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(d / "tokenizer.json"))
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind}))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    n_base = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < n_base:
+        raise ScalelabError(f"invalid config: tokenizer.vocab_size must be at least {n_base} for byte-level BPE")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any input round-trips
+        show_progress=False,
+    )
+    texts = list(texts)
+    if not any(texts):
+        raise ScalelabError("empty corpus: no text to train the tokenizer on")
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return BPETokenizer(tok)
+
+
+def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    if kind == "char":
+        return CharTokenizer.from_text(texts)
+    if kind == "byte":
+        return ByteTokenizer()
+    raise ScalelabError(f"unknown tokenizer kind '{kind}' (use bpe, char or byte)")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    d = Path(directory)
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        raise ScalelabError(f"no tokenizer in {d} (missing {META_FILE})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    kind = meta.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")))
+    raise ScalelabError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
+    """Compression on held-out text: UTF-8 bytes per token (higher is better)."""
+    texts = list(texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+    if n_tokens == 0:
+        raise ScalelabError("cannot measure compression on empty text")
+    return n_bytes / n_tokens

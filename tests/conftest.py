@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """Environment for a child process: one intra-op thread each, so two ranks share 2 cores without thrashing."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def tiny_overrides(out_dir: Path, steps: int = 8, **extra) -> list[str]:
+    """A config that trains in seconds: a small world, byte-level BPE of 300, a 2-layer model."""
+    base = {
+        "run.out_dir": f'"{out_dir}"',
+        "run.progress": "false",
+        "data.world.n_people": "24",
+        "data.world.bios_per_person": "2",
+        "data.world.extra_tasks": "{arithmetic = 50}",
+        "tokenizer.vocab_size": "300",
+        "model.depth": "2",
+        "model.aspect_ratio": "32",
+        "model.head_dim": "16",
+        "model.block_size": "32",
+        "train.steps": str(steps),
+        "train.batch_size": "8",
+        "train.warmup_steps": "2",
+        "train.eval_every": "4",
+        "train.eval_batches": "2",
+        "train.log_every": "1",
+        "eval.qa_examples": "5",
+        "eval.arithmetic_examples": "5",
+        "eval.ngram_order": "3",
+        "sample.num_samples": "1",
+        "sample.max_new_tokens": "8",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny():
+    return tiny_overrides
+
+
+def scalelab_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scalelab", *args]
