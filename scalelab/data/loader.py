@@ -6,6 +6,10 @@ a document boundary are ordinary packed training examples.
 Determinism contract: the *global* batch at step k depends only on (tokens, seed,
 batch_size, block_size). Rank r of W takes rows [r·B/W, (r+1)·B/W), so any number of
 data-parallel processes sees exactly the single-process global batch.
+
+Epoch e visits every window of a grid shifted by a random offset in [0, block_size), in a random
+order; both come from a generator seeded by (seed, e), so epochs see different cuts of the text
+and a run resumes from just (epoch, position).
 """
 
 from __future__ import annotations
@@ -19,8 +23,16 @@ from scalelab.errors import ScalelabError
 
 
 class TokenLoader:
+    """Endless (x, y) batches of shape (batch_size // world_size, block_size); y is x shifted by one."""
+
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
+        if batch_size < 1 or block_size < 1:
+            raise ScalelabError(f"batch size ({batch_size}) and block size ({block_size}) must be positive")
+        if seed < 0:
+            raise ScalelabError(f"data loader seed must be non-negative, got {seed}")
+        if not 0 <= rank < world_size:
+            raise ScalelabError(f"rank {rank} is outside a world of {world_size} processes")
         if batch_size % world_size:
             raise ScalelabError(f"batch size {batch_size} is not divisible by {world_size} data-parallel processes")
         if len(tokens) < block_size + 1:
@@ -33,52 +45,69 @@ class TokenLoader:
         self._starts = self._epoch_starts(0)
 
     def _epoch_starts(self, epoch: int) -> np.ndarray:
-        # Each epoch shifts the window grid by a random offset, so epochs see different cuts of the text.
+        # (seed, epoch) as a pair, not seed + epoch: seed 1 epoch 0 must not replay seed 0 epoch 1
         rng = np.random.default_rng([self.seed, epoch])
         slack = len(self.tokens) - 1 - self.block_size
-        offset = int(rng.integers(0, min(self.block_size, slack) + 1))
+        offset = int(rng.integers(0, min(self.block_size - 1, slack) + 1))
         n_windows = (len(self.tokens) - 1 - offset) // self.block_size
         return offset + rng.permutation(n_windows) * self.block_size
 
     def _next_starts(self, n: int) -> np.ndarray:
         out = []
         while n:
-            if self.position >= len(self._starts):
-                self.epoch += 1
-                self.position = 0
-                self._starts = self._epoch_starts(self.epoch)
             take = min(n, len(self._starts) - self.position)
             out.append(self._starts[self.position : self.position + take])
             self.position += take
             n -= take
+            # roll over eagerly, so (epoch, position) always names the next window to be served
+            if self.position >= len(self._starts):
+                self.epoch += 1
+                self.position = 0
+                self._starts = self._epoch_starts(self.epoch)
         return np.concatenate(out)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self._next_starts(self.batch_size)
         per_rank = self.batch_size // self.world_size
         mine = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
-        windows = np.stack([np.asarray(self.tokens[s : s + self.block_size + 1], dtype=np.int64) for s in mine])
-        w = torch.from_numpy(windows)
-        return w[:, :-1], w[:, 1:]
+        return _windows(self.tokens, mine, self.block_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """Plain ints (JSON-safe). Position counts windows, so it does not depend on the rank."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "block_size": self.block_size, "n_tokens": int(len(self.tokens))}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._starts = self._epoch_starts(self.epoch)
+        # Resuming onto another seed, block size or corpus would silently replay different data.
+        for key, mine in (("seed", self.seed), ("block_size", self.block_size), ("n_tokens", len(self.tokens))):
+            if key in state and int(state[key]) != mine:
+                raise ScalelabError(f"cannot resume the data loader: checkpoint has {key}={state[key]}, this run has {mine}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        starts = self._epoch_starts(max(epoch, 0))
+        if epoch < 0 or not 0 <= position <= len(starts):
+            raise ScalelabError(f"cannot resume the data loader: position {position} of epoch {epoch} is out of range")
+        self.epoch, self.position, self._starts = epoch, position, starts
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None = None):
-    """Consecutive non-overlapping windows from the start of ``tokens``, in batches (the last may be short)."""
+    """Consecutive non-overlapping windows from the start of ``tokens``, in batches (the last may be short).
+
+    Every token is predicted once except the final < block_size tail, which no full window covers.
+    Yields nothing when ``tokens`` is shorter than one block + 1; callers report that.
+    """
     n_windows = (len(tokens) - 1) // block_size
     if max_batches is not None:
         n_windows = min(n_windows, max_batches * batch_size)
     for b in range(0, n_windows, batch_size):
-        starts = range(b * block_size, min(b + batch_size, n_windows) * block_size, block_size)
-        w = torch.from_numpy(np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts]))
-        yield w[:, :-1], w[:, 1:]
+        starts = np.arange(b, min(b + batch_size, n_windows)) * block_size
+        yield _windows(tokens, starts, block_size)
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
+    # contiguous copies: callers may .view() them, and a slice of w would not allow that
+    return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))

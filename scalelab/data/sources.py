@@ -13,20 +13,26 @@ TEXT_SUFFIXES = (".txt", ".md")
 def load_documents(kind: str, path: str | None, field: str = "text", split: str = "train") -> list[str]:
     """Documents (one string each) from a source; empty documents are dropped.
 
-    - text: a file is one document; a folder contributes every *.txt / *.md below it, sorted by path.
+    - text: a file is one document (a large file is not cut on blank lines: a single document is split
+      into train/val by characters later); a folder contributes every *.txt / *.md below it, sorted by
+      path so the order does not depend on the file system.
     - jsonl: one document per line, from ``field``.
     - parquet: one document per row, from column ``field``.
     - hf: a dataset folder written by ``save_to_disk``, a local data file (json/jsonl/csv/parquet/txt),
-      or a dataset name that ``datasets.load_dataset`` can resolve offline; column ``field`` of ``split``.
+      or a hub dataset name (needs the network or the HF cache); column ``field`` of ``split``.
     """
     loaders = {"text": _load_text, "jsonl": _load_jsonl, "parquet": _load_parquet, "hf": _load_hf}
     if kind not in loaders:
         raise ScalelabError(f"unknown data source '{kind}' (use one of {', '.join(loaders)})")
     if not path:
         raise ScalelabError(f"data.path is required for data.source = '{kind}'")
-    looks_local = kind != "hf" or Path(path).exists() or path.startswith((".", "/", "~"))
-    if looks_local and not Path(path).exists():
+    local = Path(path).expanduser()
+    # for hf a path that does not exist may still be a hub dataset name such as "roneneldan/TinyStories"
+    looks_local = kind != "hf" or local.exists() or path.startswith((".", "/", "~"))
+    if looks_local and not local.exists():
         raise ScalelabError(f"data path not found: {path}")
+    if looks_local:
+        path = str(local)
     docs = [d for d in loaders[kind](path, field, split) if d.strip()]
     if not docs:
         raise ScalelabError(f"empty corpus: {path} holds no non-empty documents")
@@ -41,16 +47,19 @@ def _load_text(path: str, field: str, split: str) -> list[str]:
     docs = []
     for f in files:
         try:
-            docs.append(f.read_text(encoding="utf-8"))
+            docs.append(f.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as e:
             raise ScalelabError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return docs
 
 
 def _load_jsonl(path: str, field: str, split: str) -> list[str]:
+    if not Path(path).is_file():
+        raise ScalelabError(f"{path} is not a file (data.source = 'jsonl' reads one .jsonl file)")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    # utf-8-sig: a byte-order mark, common in files saved on Windows, must not break line 1
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
@@ -65,7 +74,17 @@ def _load_jsonl(path: str, field: str, split: str) -> list[str]:
     return docs
 
 
+def _utf8_lines(f, path: str):
+    n = 0
+    try:
+        for n, line in enumerate(f, 1):
+            yield line
+    except UnicodeDecodeError as e:
+        raise ScalelabError(f"{path}:{n + 1}: not UTF-8 text ({e.reason})") from None
+
+
 def _load_parquet(path: str, field: str, split: str) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -74,7 +93,11 @@ def _load_parquet(path: str, field: str, split: str) -> list[str]:
         raise ScalelabError(f"{path} is not a readable Parquet file ({e})") from None
     if field not in table.column_names:
         raise ScalelabError(f"{path}: no column '{field}' (columns: {', '.join(table.column_names)})")
-    return [v for v in table.column(field).to_pylist() if isinstance(v, str)]
+    column = table.column(field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ScalelabError(f"{path}: column '{field}' holds {column.type}, not text")
+    # nulls are missing documents, dropped like empty ones
+    return [v for v in column.to_pylist() if v is not None]
 
 
 def _load_hf(path: str, field: str, split: str) -> list[str]:

@@ -31,6 +31,10 @@ META_FILE = "tokenizer_meta.json"
 
 
 class Tokenizer:
+    """Shared interface. ``encode`` never adds special ids except BOS on request; ``decode`` writes
+    special ids back as their strings unless ``skip_special``; ``save`` writes a folder that
+    ``load_tokenizer`` reads back."""
+
     kind = "base"
     vocab_size: int
     special_ids: dict[str, int]
@@ -95,7 +99,7 @@ class ByteTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / META_FILE).write_text(json.dumps({"kind": self.kind}))
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind}), encoding="utf-8")
 
 
 class CharTokenizer(Tokenizer):
@@ -138,7 +142,7 @@ class CharTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / META_FILE).write_text(json.dumps({"kind": self.kind, "chars": self.chars}, ensure_ascii=False))
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind, "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
 
 
 class BPETokenizer(Tokenizer):
@@ -153,41 +157,17 @@ class BPETokenizer(Tokenizer):
         if any(v is None for v in self.special_ids.values()):
             raise ScalelabError("tokenizer.json lacks scalelab's special tokens; it was not trained by scalelab")
         self._special_set = set(self.special_ids.values())
+        # Without this HF would turn "<|bos|>" inside user text into the special id. The flag is a
+        # runtime setting, not written to tokenizer.json, so an exported tokenizer still matches
+        # special tokens the way HF chat templates expect.
+        self.hf.encode_special_tokens = True
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._encode_plain([text])[0]
+        ids = self.hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._encode_plain(list(texts))
-
-    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
-        # HF would turn "<|bos|>" in user text into the special id. Encoding text with special
-        # strings split apart by a marker we then drop is fiddly; instead, text that contains a
-        # special string is encoded around it piece by piece, the special string as plain bytes.
-        out = []
-        plain = [not any(s in t for s in SPECIAL_TOKENS) for t in texts]
-        fast = self.hf.encode_batch([t for t, ok in zip(texts, plain) if ok], add_special_tokens=False)
-        fast_iter = iter(fast)
-        for t, ok in zip(texts, plain):
-            out.append(next(fast_iter).ids if ok else self._encode_with_literal_specials(t))
-        return out
-
-    def _encode_with_literal_specials(self, text: str) -> list[int]:
-        ids: list[int] = []
-        rest = text
-        while rest:
-            hits = [(rest.find(s), s) for s in SPECIAL_TOKENS if s in rest]
-            if not hits:
-                ids += self.hf.encode(rest, add_special_tokens=False).ids
-                break
-            pos, s = min(hits)
-            if pos:
-                ids += self.hf.encode(rest[:pos], add_special_tokens=False).ids
-            # "<|" and the rest encode separately, so the pair never matches the special token
-            ids += self.hf.encode(s[:1], add_special_tokens=False).ids + self.hf.encode(s[1:], add_special_tokens=False).ids
-            rest = rest[pos + len(s):]
-        return ids
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids, skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -221,10 +201,15 @@ class BPETokenizer(Tokenizer):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(d / "tokenizer.json"))
-        (d / META_FILE).write_text(json.dumps({"kind": self.kind}))
+        (d / META_FILE).write_text(json.dumps({"kind": self.kind}), encoding="utf-8")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Train byte-level BPE: special tokens take ids 0..8, then the 256 bytes, then merges.
+
+    The vocabulary has at most ``vocab_size`` entries (fewer only if the corpus runs out of pairs
+    to merge). HF training is deterministic, so no seed is needed: same texts, same tokenizer.
+    """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -258,20 +243,33 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 2048) -> 
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer that ``Tokenizer.save`` wrote to ``directory``."""
     d = Path(directory)
     meta_path = d / META_FILE
     if not meta_path.is_file():
         raise ScalelabError(f"no tokenizer in {d} (missing {META_FILE})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    kind = meta.get("kind")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScalelabError(f"{meta_path} is not valid JSON ({e})") from None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
+        if not isinstance(meta.get("chars"), list):
+            raise ScalelabError(f"{meta_path}: a char tokenizer needs a 'chars' list")
         return CharTokenizer(meta["chars"])
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")))
+        hf_path = d / "tokenizer.json"
+        if not hf_path.is_file():
+            raise ScalelabError(f"no BPE tokenizer in {d} (missing tokenizer.json)")
+        try:
+            hf = HFTokenizer.from_file(str(hf_path))
+        except Exception as e:  # the Rust side raises a bare Exception for unparsable files
+            raise ScalelabError(f"{hf_path} is not a readable tokenizers file ({e})") from None
+        return BPETokenizer(hf)
     raise ScalelabError(f"{meta_path}: unknown tokenizer kind {kind!r}")
 
 
