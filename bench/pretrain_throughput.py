@@ -13,7 +13,6 @@ GPT.flops_per_token) times tokens/s. Results are appended to bench/results/pretr
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.runtime import machine_description
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
@@ -91,7 +91,7 @@ def main() -> None:
     with open(out, "a", encoding="utf-8") as f:
         f.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
         f.write(f"- command: `python {' '.join(sys.argv)}`\n")
-        f.write(f"- machine: {platform.machine()}, {platform.processor() or '?'}, torch {torch.__version__}\n")
+        f.write(f"- machine: {machine_description()}\n")
         f.writelines(f"- {line}\n" for line in lines)
 
 

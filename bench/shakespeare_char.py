@@ -14,8 +14,6 @@ Appends to bench/results/shakespeare_char.md.
 from __future__ import annotations
 
 import argparse
-import math
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,7 +31,7 @@ def main() -> int:
     from scalelab.config import load_config
     from scalelab.data.loader import TokenLoader
     from scalelab.model.gpt import GPT
-    from scalelab.runtime import seed_everything
+    from scalelab.runtime import machine_description, seed_everything
     from scalelab.tokenizer import CharTokenizer
     from scalelab.train.optim import build_optimizer, lr_at
     from scalelab.train.trainer import evaluate_loss
@@ -102,7 +100,7 @@ def main() -> int:
     with open(out, "a", encoding="utf-8") as f:
         f.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
         f.write(f"- command: `python {' '.join(sys.argv)}`\n")
-        f.write(f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+        f.write(f"- machine: {machine_description()}\n")
         f.writelines(f"- {line}\n" for line in lines)
         f.write("- val loss by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in history) + "\n")
     return 0

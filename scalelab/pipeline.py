@@ -20,14 +20,13 @@ import numpy as np
 import torch
 
 from scalelab.config import Config, config_from_dict, load_config, read_toml, to_toml
-from scalelab.data.loader import eval_batches  # noqa: F401  (re-exported for API users)
 from scalelab.data.shards import TokenShards, build_shards
 from scalelab.data.sources import load_documents
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
 from scalelab.runtime import resolve_device
-from scalelab.tokenizer import build_tokenizer, bytes_per_token, load_tokenizer
+from scalelab.tokenizer import build_tokenizer, load_tokenizer
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger, read_metrics, truncate_after
 from scalelab.train.trainer import Trainer, evaluate_loss, write_json
@@ -153,7 +152,6 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 def evaluate(run_dir: str | Path, cfg: Config | None = None, data: PreparedData | None = None) -> dict:
     """Full-validation loss and bits per byte, the n-gram baseline on the same tokens, and task exact match."""
     from scalelab.evals.ngram import KneserNeyLM
-    from scalelab.evals.tasks import exact_match
 
     run = Path(run_dir)
     cfg = cfg or load_run_config(run)
@@ -198,25 +196,15 @@ def _world_tasks(model, tokenizer, cfg: Config) -> dict:
     held = world.eval_qa()[:n_qa]
     tasks = {}
     for name, pairs in (("qa_seen_in_pretraining", seen), ("qa_heldout_people", held)):
-        examples = [_QAExample(p.question, p.answer) for p in pairs]
-        if examples:
-            tasks[name] = asdict(exact_match(model, tokenizer, examples, name, cfg.eval.max_new_tokens))
+        if pairs:  # a QAPair's prompt ends in "Answer:", its answer is the continuation
+            tasks[name] = asdict(exact_match(model, tokenizer, pairs, name, cfg.eval.max_new_tokens))
     if cfg.eval.arithmetic_examples:
-        arith = generate_examples("arithmetic", cfg.eval.arithmetic_examples, seed=cfg.run.seed + 1)
-        tasks["arithmetic"] = asdict(exact_match(model, tokenizer, arith, "arithmetic", cfg.eval.max_new_tokens))
+        # Score only problems pretraining never showed: small operands repeat by chance otherwise.
+        seen_prompts = {e.prompt for e in world.task_examples().get("arithmetic", [])}
+        pool = generate_examples("arithmetic", 4 * cfg.eval.arithmetic_examples, seed=cfg.run.seed + 1)
+        arith = [e for e in pool if e.prompt not in seen_prompts][: cfg.eval.arithmetic_examples]
+        tasks["arithmetic_unseen"] = asdict(exact_match(model, tokenizer, arith, "arithmetic_unseen", cfg.eval.max_new_tokens))
     return tasks
-
-
-@dataclass
-class _QAExample:
-    question: str
-    answer: str
-
-    @property
-    def prompt(self) -> str:
-        from scalelab.data.world import render_qa
-
-        return render_qa(self.question)
 
 
 def sample(run_dir: str | Path, cfg: Config | None = None, prompt: str | None = None) -> list[dict]:

@@ -62,7 +62,7 @@ def write_report(run_dir: str | Path) -> Path:
         for line in samples_path.read_text(encoding="utf-8").splitlines():
             s = json.loads(line)
             lines += ["```text", (s["prompt"] + s["completion"]).strip(), "```", ""]
-    lines += ["", "![loss curves](loss.png)", "", f"Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`."]
+    lines += ["", "![loss curves](loss.png)", "", "Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`."]
     out = run / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

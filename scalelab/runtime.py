@@ -36,3 +36,19 @@ def autocast_context(device: torch.device, dtype: str):
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def machine_description() -> str:
+    """One line naming the CPU (and GPU), for benchmark results files and reports."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} ({len(names)} logical cores)"
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"

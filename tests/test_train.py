@@ -1,6 +1,5 @@
 """Trainer behaviour: exact resume, data-parallel equivalence, run-folder contents."""
 
-import json
 import subprocess
 
 import pytest
@@ -41,7 +40,7 @@ def test_pretrain_writes_a_complete_run_folder(tmp_path):
         assert (run / name).exists(), name
     ev = summary["eval"]
     assert ev["val_bpb"] > 0 and ev["ngram_val_bpb"] > 0
-    assert {"qa_seen_in_pretraining", "qa_heldout_people", "arithmetic"} <= set(ev["tasks"])
+    assert {"qa_seen_in_pretraining", "qa_heldout_people", "arithmetic_unseen"} <= set(ev["tasks"])
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
     assert load_config(run / "config.toml").train.steps == 8

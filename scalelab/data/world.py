@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from scalelab.data.generators import Example, generate
+from scalelab.data.generators import available as available_generators
 from scalelab.errors import ScalelabError
 
 FIRST_NAMES = (
@@ -65,15 +67,20 @@ MONTHS = "January February March April May June July August September October No
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
 
-# Several paraphrases per attribute. {name} is the subject (full name or pronoun), {full} always the
-# full name, {poss}/{Poss} the possessive, {value} the attribute.
+# Paraphrases per attribute. {name} is the sentence's subject (the full name or a pronoun), {full}
+# always the full name, {pron} the pronoun, {poss} the possessive pronoun, {Poss} the subject's
+# possessive ("Xavi S. Eriksen's" or "his"), {value} the attribute. A sentence's first letter is
+# capitalised after formatting, so templates may open with {name} or {Poss}.
 SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_date": (
         "{name} was born on {value}.",
         "{name} came into the world on {value}.",
-        "{Poss} birthday is {value}.",
+        "{Poss} birthday falls on {value}.",
         "{name} celebrates {poss} birthday on {value}.",
         "The birth date of {full} is {value}.",
+        "According to public records, {name} was born on {value}.",
+        "{Poss} date of birth is {value}.",
+        "{name} first drew breath on {value}.",
     ),
     "birth_city": (
         "{name} was born in {value}.",
@@ -81,6 +88,9 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{Poss} birthplace is {value}.",
         "{name} is a native of {value}.",
         "{name} grew up in {value}, {poss} hometown.",
+        "The city of {value} is where {name} was born.",
+        "{name} hails from {value}, the city of {poss} birth.",
+        "{name} was raised in {value}, the town where {pron} was born.",
     ),
     "university": (
         "{name} studied at {value}.",
@@ -88,6 +98,9 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{name} received {poss} education at {value}.",
         "{name} attended {value}.",
         "{Poss} alma mater is {value}.",
+        "{name} spent {poss} college years at {value}.",
+        "{name} enrolled at {value} after finishing school.",
+        "{name} chose {value} for {poss} university studies.",
     ),
     "major": (
         "{name} majored in {value}.",
@@ -95,6 +108,9 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{Poss} field of study was {value}.",
         "{name} focused {poss} studies on {value}.",
         "{name} completed {poss} degree in {value}.",
+        "{name} specialized in {value} at university.",
+        "{name} developed a passion for {value} and made it {poss} major.",
+        "{Poss} academic focus was {value}.",
     ),
     "employer": (
         "{name} works for {value}.",
@@ -102,6 +118,9 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{Poss} employer is {value}.",
         "{name} has a job at {value}.",
         "{name} earns a living at {value}.",
+        "{name} is on the staff of {value}.",
+        "{name} accepted a position at {value}.",
+        "These days {name} draws a salary from {value}.",
     ),
     "employer_city": (
         "{name} works in {value}.",
@@ -109,25 +128,35 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{name} commutes to work in {value}.",
         "{Poss} workplace is located in {value}.",
         "{name} does {poss} job in {value}.",
+        "{name} goes to work every day in {value}.",
+        "{Poss} job is based in {value}.",
+        "Professionally, {name} is based in {value}.",
     ),
 }
 
+# Each question asks for exactly one attribute: "Where does X work?" would fit both the employer and
+# its city, so no template is that loose.
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth_date": ("What is the birth date of {name}?", "When was {name} born?"),
-    "birth_city": ("Where was {name} born?", "In which city was {name} born?"),
-    "university": ("Which university did {name} attend?", "Where did {name} study?"),
-    "major": ("What did {name} major in?", "What was {name}'s field of study?"),
-    "employer": ("Which company does {name} work for?", "Who employs {name}?"),
-    "employer_city": ("In which city does {name} work?", "Where does {name} work?"),
+    "birth_date": ("What is the birth date of {name}?", "When was {name} born?", "On what date was {name} born?"),
+    "birth_city": ("Where was {name} born?", "In which city was {name} born?", "What is {name}'s birthplace?"),
+    "university": ("Which university did {name} attend?", "Where did {name} study?",
+                   "What is {name}'s alma mater?"),
+    "major": ("What did {name} major in?", "What was {name}'s field of study?", "What subject did {name} study?"),
+    "employer": ("Which company does {name} work for?", "Who employs {name}?", "What is the name of {name}'s employer?"),
+    "employer_city": ("In which city does {name} work?", "What city does {name} work in?",
+                      "In what city is {name}'s workplace?"),
 }
 
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+# Task problems go into pretraining in "worksheets" of this many problems per document.
+WORKSHEET_SIZE = 20
 
 
 def render_qa(question: str, answer: str | None = None) -> str:
     """A QA pair as text; without an answer, the prompt ends in "Answer:" for the model to complete."""
     if answer is None:
-        return f"Question: {question}\nAnswer:"
+        return QA_TEMPLATE.format(question=question, answer="").rstrip(" ")
     return QA_TEMPLATE.format(question=question, answer=answer)
 
 
@@ -145,6 +174,8 @@ class Person:
     known: bool = True
 
     def attribute(self, name: str) -> str:
+        if name not in ATTRIBUTES:
+            raise ScalelabError(f"unknown person attribute '{name}' (attributes: {', '.join(ATTRIBUTES)})")
         return getattr(self, name)
 
 
@@ -154,6 +185,10 @@ class QAPair:
     answer: str
     person_id: int
     attribute: str
+
+    @property
+    def prompt(self) -> str:
+        return render_qa(self.question)
 
 
 @dataclass
@@ -167,49 +202,54 @@ class WorldConfig:
 
 
 _PRONOUNS = {"he": ("he", "his"), "she": ("she", "her")}
+MAX_PEOPLE = len(FIRST_NAMES) * len(MIDDLE_INITIALS) * len(LAST_NAMES)
 
 
 class World:
+    """People, their splits, and every text view of them; a pure function of ``WorldConfig``."""
+
     def __init__(self, cfg: WorldConfig | None = None):
         self.cfg = cfg or WorldConfig()
+        _validate(self.cfg)
         c = self.cfg
-        if c.n_people < 1:
-            raise ScalelabError("invalid config: data.world.n_people must be at least 1")
-        if c.bios_per_person < 1:
-            raise ScalelabError("invalid config: data.world.bios_per_person must be at least 1")
-        if not 0.0 <= c.unknown_fraction < 1.0 or not 0.0 <= c.qa_in_pretrain_fraction <= 1.0:
-            raise ScalelabError("invalid config: data.world fractions must lie in [0, 1)")
-        max_people = len(FIRST_NAMES) * len(MIDDLE_INITIALS) * len(LAST_NAMES)
-        if c.n_people > max_people:
-            raise ScalelabError(f"invalid config: data.world.n_people is at most {max_people}")
-        rng = random.Random(f"world-{c.seed}")
-        self.people = self._make_people(rng)
+        # Separate, string-keyed streams: str seeds hash the same in every process, and adding a
+        # view (say, more bios) never reshuffles who exists or which split they fall in.
+        self.people = self._make_people(random.Random(f"people-{c.seed}"))
         order = list(range(len(self.people)))
-        rng.shuffle(order)
+        random.Random(f"splits-{c.seed}").shuffle(order)
         n_unknown = int(round(c.unknown_fraction * len(order)))
-        unknown = set(order[:n_unknown])
         known = order[n_unknown:]
         n_qa_train = int(round(c.qa_in_pretrain_fraction * len(known)))
-        self.qa_train_people = sorted(known[:n_qa_train])
-        self.qa_eval_people = sorted(known[n_qa_train:])
-        self.unknown_people = sorted(unknown)
-        for i in unknown:
+        self.unknown_people: list[int] = sorted(order[:n_unknown])
+        self.qa_train_people: list[int] = sorted(known[:n_qa_train])
+        self.qa_eval_people: list[int] = sorted(known[n_qa_train:])
+        for i in self.unknown_people:
             self.people[i].known = False
 
+    @classmethod
+    def generate(cls, cfg: WorldConfig | None = None) -> "World":
+        return cls(cfg)
+
     def _make_people(self, rng: random.Random) -> list[Person]:
-        people, used = [], set()
-        while len(people) < self.cfg.n_people:
-            name = f"{rng.choice(FIRST_NAMES)} {rng.choice(MIDDLE_INITIALS)}. {rng.choice(LAST_NAMES)}"
-            if name in used:
-                continue
-            used.add(name)
+        # Sampling distinct indices into the name grid makes names unique by construction.
+        n_mid, n_last = len(MIDDLE_INITIALS), len(LAST_NAMES)
+        people = []
+        for i, k in enumerate(rng.sample(range(MAX_PEOPLE), self.cfg.n_people)):
+            first, rest = divmod(k, n_mid * n_last)
+            mid, last = divmod(rest, n_last)
+            name = f"{FIRST_NAMES[first]} {MIDDLE_INITIALS[mid]}. {LAST_NAMES[last]}"
             date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 2005)}"
             people.append(Person(
-                id=len(people), name=name, pronoun=rng.choice(("he", "she")), birth_date=date,
+                id=i, name=name, pronoun=rng.choice(("he", "she")), birth_date=date,
                 birth_city=rng.choice(CITIES), university=rng.choice(UNIVERSITIES), major=rng.choice(MAJORS),
                 employer=rng.choice(EMPLOYERS), employer_city=rng.choice(CITIES),
             ))
         return people
+
+    def split_people(self) -> dict[str, list[int]]:
+        """Person ids by group: "qa_train", "qa_eval" (both known) and "unknown"."""
+        return {"qa_train": list(self.qa_train_people), "qa_eval": list(self.qa_eval_people),
+                "unknown": list(self.unknown_people)}
 
     # -- text views ---------------------------------------------------------------------------------
 
@@ -220,7 +260,8 @@ class World:
         sentences = []
         for i, attr in enumerate(attrs):
             template = rng.choice(SENTENCE_TEMPLATES[attr])
-            # The first sentence introduces the person by name; later ones mostly use the pronoun.
+            # The first sentence introduces the person by name; later ones mostly use the pronoun,
+            # sometimes the name again, so the name-to-fact link is not only carried by sentence one.
             use_name = i == 0 or rng.random() < 0.3
             subject = person.name if use_name else pron
             possessive = f"{person.name}'s" if use_name else poss
@@ -230,14 +271,17 @@ class World:
         return " ".join(sentences)
 
     def biographies(self) -> list[str]:
+        """``bios_per_person`` differently worded biographies of every known person, person by person."""
         rng = random.Random(f"bios-{self.cfg.seed}")
         return [self.biography(p, rng) for p in self.people if p.known for _ in range(self.cfg.bios_per_person)]
 
     def qa_pairs(self, people: list[int] | None = None) -> list[QAPair]:
-        """Every question template for every attribute of the given people (default: all)."""
+        """Every question template for every attribute of the given person ids (default: everyone)."""
         ids = range(len(self.people)) if people is None else people
         out = []
         for i in ids:
+            if not isinstance(i, int) or not 0 <= i < len(self.people):
+                raise ScalelabError(f"no person with id {i!r} in a world of {len(self.people)} people")
             p = self.people[i]
             for attr in ATTRIBUTES:
                 for q in QUESTION_TEMPLATES[attr]:
@@ -245,10 +289,17 @@ class World:
         return out
 
     def eval_qa(self) -> list[QAPair]:
-        """QA about known people whose QA never appears in pretraining, one question per attribute."""
-        rng = random.Random(f"eval-qa-{self.cfg.seed}")
+        """QA about known people whose QA never appears in pretraining, one question per attribute, shuffled."""
+        return self._one_question_each(self.qa_eval_people, f"eval-qa-{self.cfg.seed}")
+
+    def unknown_qa(self) -> list[QAPair]:
+        """QA about people pretraining never mentions (the right answer is to abstain), one per attribute."""
+        return self._one_question_each(self.unknown_people, f"unknown-qa-{self.cfg.seed}")
+
+    def _one_question_each(self, ids: list[int], seed: str) -> list[QAPair]:
+        rng = random.Random(seed)
         pairs = []
-        for i in self.qa_eval_people:
+        for i in ids:
             p = self.people[i]
             for attr in ATTRIBUTES:
                 q = rng.choice(QUESTION_TEMPLATES[attr])
@@ -256,19 +307,24 @@ class World:
         rng.shuffle(pairs)
         return pairs
 
-    def pretraining_documents(self) -> list[str]:
-        from scalelab.data.generators import generate
+    def task_examples(self) -> dict[str, list[Example]]:
+        """The ``extra_tasks`` problems that pretraining shows, by generator name."""
+        # One seed for every task: generate() already keys each stream by the task's name, and the
+        # offset keeps these away from the small seeds evaluation code tends to pass.
+        seed = self.cfg.seed * 1000 + 500
+        return {task: generate(task, n, seed=seed) for task, n in sorted(self.cfg.extra_tasks.items())}
 
+    def pretraining_documents(self) -> list[str]:
+        """Biographies, one QA document per qa_train person, and task worksheets, shuffled together."""
         rng = random.Random(f"docs-{self.cfg.seed}")
         docs = self.biographies()
         for i in self.qa_train_people:
             lines = [render_qa(q.question, q.answer) for q in self.qa_pairs([i])]
             rng.shuffle(lines)
             docs.append("\n".join(lines))
-        for k, (task, n) in enumerate(sorted(self.cfg.extra_tasks.items())):
-            examples = generate(task, n, seed=self.cfg.seed * 1000 + k) if n else []
-            for j in range(0, len(examples), 20):  # 20 problems to a document, like a worksheet
-                docs.append("\n".join(e.text for e in examples[j : j + 20]))
+        for examples in self.task_examples().values():
+            for j in range(0, len(examples), WORKSHEET_SIZE):
+                docs.append("\n".join(e.text for e in examples[j : j + WORKSHEET_SIZE]))
         rng.shuffle(docs)
         return docs
 
@@ -283,6 +339,22 @@ class World:
             "unknown_people": self.unknown_people,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "world record") -> "World":
+        """Rebuilds the world from its config and checks it matches the recorded people and splits."""
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ScalelabError(f"{source} has no 'config' object")
+        known = {f.name for f in fields(WorldConfig)}
+        unknown = sorted(set(data["config"]) - known)
+        if unknown:
+            raise ScalelabError(f"{source}: unknown world config key '{unknown[0]}' (keys: {', '.join(sorted(known))})")
+        world = cls(WorldConfig(**data["config"]))
+        recorded = {k: data[k] for k in ("people", "qa_train_people", "qa_eval_people", "unknown_people") if k in data}
+        mine = world.to_dict()
+        if any(mine[k] != v for k, v in recorded.items()):
+            raise ScalelabError(f"{source} was written by a different world generator version")
+        return world
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
 
@@ -291,9 +363,37 @@ class World:
         p = Path(path)
         if not p.is_file():
             raise ScalelabError(f"world file not found: {p}")
-        data = json.loads(p.read_text(encoding="utf-8"))
-        # The world is a pure function of its config; regenerate and check it matches the record.
-        world = cls(WorldConfig(**data["config"]))
-        if [asdict(x) for x in world.people] != data["people"]:
-            raise ScalelabError(f"{p} was written by a different world generator version")
-        return world
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScalelabError(f"{p} is not a JSON world record: {e}") from None
+        return cls.from_dict(data, source=str(p))
+
+
+def _validate(c: WorldConfig) -> None:
+    def bad(msg: str):
+        raise ScalelabError(f"invalid config: data.world.{msg}")
+
+    for key in ("seed", "n_people", "bios_per_person"):
+        if not isinstance(getattr(c, key), int) or isinstance(getattr(c, key), bool):
+            bad(f"{key} must be an integer, got {getattr(c, key)!r}")
+    if not 1 <= c.n_people <= MAX_PEOPLE:
+        bad(f"n_people must be between 1 and {MAX_PEOPLE}, got {c.n_people}")
+    if c.bios_per_person < 1:
+        bad(f"bios_per_person must be at least 1, got {c.bios_per_person}")
+    if not isinstance(c.unknown_fraction, (int, float)) or not 0.0 <= c.unknown_fraction < 1.0:
+        bad(f"unknown_fraction must lie in [0, 1), got {c.unknown_fraction!r}")
+    if not isinstance(c.qa_in_pretrain_fraction, (int, float)) or not 0.0 <= c.qa_in_pretrain_fraction <= 1.0:
+        bad(f"qa_in_pretrain_fraction must lie in [0, 1], got {c.qa_in_pretrain_fraction!r}")
+    if not isinstance(c.extra_tasks, dict):
+        bad(f"extra_tasks must map task generator names to counts, got {c.extra_tasks!r}")
+    names = available_generators()
+    for task, n in c.extra_tasks.items():
+        if task == "world_qa":
+            # Its QA would include held-out and unknown people; world QA reaches pretraining only
+            # through qa_in_pretrain_fraction.
+            bad("extra_tasks cannot hold 'world_qa': set qa_in_pretrain_fraction instead")
+        if task not in names:
+            bad(f"extra_tasks names unknown task generator '{task}' (available: {', '.join(names)})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            bad(f"extra_tasks.{task} must be a count >= 0, got {n!r}")

@@ -20,7 +20,7 @@ from scalelab.config import Config
 from scalelab.data.loader import TokenLoader, eval_batches
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
-from scalelab.parallel.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, unwrap, wrap_data_parallel
+from scalelab.parallel.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, wrap_data_parallel
 from scalelab.runtime import autocast_context, resolve_device, seed_everything
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
