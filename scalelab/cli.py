@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="folder for corpus.jsonl and qa.jsonl")
 
+    p = sub.add_parser("scaling", help="scaling laws: run a sweep, fit it, forecast a bigger run and check")
+    p.add_argument("action", choices=["sweep", "fit", "predict"])
+    _add_config_args(p)
+
     p = sub.add_parser("config", help="print the resolved config as TOML")
     p.add_argument("action", choices=["show"])
     _add_config_args(p)
@@ -154,6 +158,23 @@ def _cmd_data(args) -> None:
     print(f"wrote {len(docs)} documents to {out / 'corpus.jsonl'} and the QA view to {out / 'qa.jsonl'}")
 
 
+def _cmd_scaling(args) -> None:
+    from scalelab.config import load_config
+    from scalelab.scaling import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "sweep":
+        rows = sweep.run_sweep(cfg, progress=cfg.run.progress)
+        print(f"{len(rows)} runs in {Path(cfg.scaling.out_dir) / 'results.csv'}")
+    elif args.action == "fit":
+        sweep.fit_sweep(cfg)
+        out = Path(cfg.scaling.out_dir)
+        print((out / "fit.md").read_text(), end="")
+        print(f"plots and fit.json in {out}")
+    else:
+        print(sweep.describe_forecast(sweep.predict_then_verify(cfg)))
+
+
 def _cmd_config(args) -> None:
     from scalelab.config import load_config, to_toml
 
@@ -162,7 +183,7 @@ def _cmd_config(args) -> None:
 
 COMMANDS = {
     "pretrain": _cmd_pretrain, "eval": _cmd_eval, "sample": _cmd_sample, "report": _cmd_report,
-    "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config,
+    "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config, "scaling": _cmd_scaling,
 }
 
 

@@ -91,6 +91,22 @@ class SampleConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """A sweep of pretraining runs; every other section of the config is the base recipe of each run."""
+
+    out_dir: str = "runs/scaling"
+    design: str = "grid"  # grid: depths x tokens | isoflop: budgets x depths
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # model sizes, by the depth dial
+    tokens: list[int] = field(default_factory=lambda: [250_000, 500_000, 1_000_000])  # grid: tokens per run
+    budgets: list[float] = field(default_factory=list)  # isoflop: training FLOPs per run
+    count_embeddings: bool = False  # N includes embedding parameters (Kaplan excludes them)
+    n_bootstrap: int = 200
+    fit_max_flops: float = 0.0  # predict: fit only on runs with C <= this (0: all but the target)
+    predict_depth: int = 0  # predict: the big run to forecast, then train
+    predict_tokens: int = 0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -99,6 +115,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +262,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_every >= 1, "train.eval_every must be at least 1"),
         (cfg.sample.temperature >= 0, "sample.temperature must be >= 0"),
         (0.0 < cfg.sample.top_p <= 1.0, "sample.top_p must be in (0, 1]"),
+        (cfg.scaling.design in ("grid", "isoflop"), "scaling.design must be grid or isoflop"),
+        (all(d >= 1 for d in cfg.scaling.depths), "scaling.depths must all be >= 1"),
+        (all(t > 0 for t in cfg.scaling.tokens), "scaling.tokens must all be positive"),
+        (all(b > 0 for b in cfg.scaling.budgets), "scaling.budgets must all be positive"),
     ]
     for ok, message in checks:
         if not ok:

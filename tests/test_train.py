@@ -63,3 +63,10 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
     setup = [r for r in read_metrics(two / "metrics.jsonl") if r["kind"] == "setup"][0]
     assert setup["world_size"] == 2
+
+
+def test_gradient_accumulation_keeps_the_training_math(tmp_path):
+    """Two micro-batches of 4 make the same optimizer steps as one batch of 8."""
+    one = _trainer(load_config(None, tiny_overrides(tmp_path / "a", steps=4)), tmp_path / "a").fit().losses
+    two = _trainer(load_config(None, tiny_overrides(tmp_path / "b", steps=4) + ["train.grad_accum=2"]), tmp_path / "b")
+    assert two.fit().losses == pytest.approx(one, rel=1e-5)

@@ -1,0 +1,63 @@
+"""The sweep runner: plans, resume after a partial or crashed sweep, and clear errors."""
+
+import pytest
+
+from conftest import tiny_overrides
+from scalelab.config import load_config
+from scalelab.errors import ScalelabError
+from scalelab.scaling import sweep
+
+
+def sweep_cfg(tmp_path, *extra):
+    o = tiny_overrides(tmp_path / "unused") + [
+        f'scaling.out_dir="{tmp_path / "sweep"}"', "scaling.depths=[1, 2]", "scaling.tokens=[512, 1024]",
+        "scaling.n_bootstrap=5", *extra,
+    ]
+    return load_config(None, o)
+
+
+def test_sweep_runs_the_grid_and_resumes(tmp_path, monkeypatch):
+    cfg = sweep_cfg(tmp_path)
+    rows = sweep.run_sweep(cfg, progress=False)
+    assert sorted(r["name"] for r in rows) == ["d1_t1024", "d1_t512", "d2_t1024", "d2_t512"]
+    table = sweep.read_results(tmp_path / "sweep" / "results.csv")
+    assert len(table) == 4
+    for r in table:
+        assert r["N"] == r["N_non_embedding"] and r["N_total"] > r["N"]
+        assert r["D"] == r["steps"] * 8 * 32 and r["C"] > 0 and r["loss"] > 0 and r["wall_seconds"] > 0
+
+    # a partial sweep: drop one finished row and leave a half-written folder for it (a crash)
+    kept = [r for r in table if r["name"] != "d2_t1024"]
+    sweep._write_results(tmp_path / "sweep" / "results.csv", kept)
+    (tmp_path / "sweep" / "runs" / "d2_t1024" / "metrics.jsonl").write_text('{"kind": "train", "step": 1')
+    trained = []
+    real = sweep.train_one
+    monkeypatch.setattr(sweep, "train_one", lambda *a, **k: trained.append(a[1].name) or real(*a, **k))
+    rows = sweep.run_sweep(cfg, progress=False)
+    assert trained == ["d2_t1024"] and len(rows) == 4
+    pd = pytest.importorskip("pandas")
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 4
+
+
+def test_isoflop_plan_spends_each_budget(tmp_path):
+    cfg = sweep_cfg(tmp_path, "scaling.design=isoflop", "scaling.budgets=[1e9, 4e9]", "scaling.depths=[1, 2, 3]")
+    specs = sweep.plan_runs(cfg, vocab_size=300)
+    assert {s.budget for s in specs} == {1e9, 4e9} and len(specs) == 6
+    small = [s for s in specs if s.budget == 1e9]
+    assert small[0].tokens > small[-1].tokens  # bigger models get fewer tokens at equal compute
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("scaling.depths=[2, 2]",), "at least 2 distinct depths"),
+    (("scaling.tokens=[512]",), "2 distinct token budgets"),
+    (("scaling.design=isoflop", "scaling.budgets=[1e9]"), "at least 2 budgets"),
+    (("scaling.design=isoflop", "scaling.budgets=[10.0, 20.0]"), "no budget pays"),
+])
+def test_degenerate_grids_are_clear_errors(tmp_path, extra, message):
+    with pytest.raises(ScalelabError, match=message):
+        sweep.plan_runs(sweep_cfg(tmp_path, *extra), vocab_size=300)
+
+
+def test_fit_needs_finished_runs(tmp_path):
+    with pytest.raises(ScalelabError, match="no finished runs"):
+        sweep.fit_sweep(sweep_cfg(tmp_path))
