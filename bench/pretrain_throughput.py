@@ -13,15 +13,13 @@ GPT.flops_per_token) times tokens/s. Results are appended to bench/results/pretr
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from scalelab.model.gpt import GPT, GPTConfig
-from scalelab.runtime import machine_description
+from results_file import append_results
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
@@ -86,13 +84,7 @@ def main() -> None:
         f"fraction of peak: {frac:.1%}",
     ]
     print("\n".join(lines))
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
-        f.write(f"- command: `python {' '.join(sys.argv)}`\n")
-        f.write(f"- machine: {machine_description()}\n")
-        f.writelines(f"- {line}\n" for line in lines)
+    append_results(args.results, lines)
 
 
 if __name__ == "__main__":

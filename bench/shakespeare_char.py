@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ def main() -> int:
     from scalelab.config import load_config
     from scalelab.data.loader import TokenLoader
     from scalelab.model.gpt import GPT
-    from scalelab.runtime import machine_description, seed_everything
+    from scalelab.runtime import seed_everything
+    from results_file import append_results
     from scalelab.tokenizer import CharTokenizer
     from scalelab.train.optim import build_optimizer, lr_at
     from scalelab.train.trainer import evaluate_loss
@@ -95,14 +95,7 @@ def main() -> int:
         f"best val loss {best:.4f} at step {best_step}; final {history[-1][1]:.4f}; total training time {train_time:.0f} s",
     ]
     print("\n".join(lines))
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n")
-        f.write(f"- command: `python {' '.join(sys.argv)}`\n")
-        f.write(f"- machine: {machine_description()}\n")
-        f.writelines(f"- {line}\n" for line in lines)
-        f.write("- val loss by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in history) + "\n")
+    append_results(args.results, lines + ["val loss by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in history)])
     return 0
 
 
