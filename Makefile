@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/scalelab pretrain --config configs/demo.toml
+	# --overwrite: each `make demo` starts runs/demo afresh (scalelab never overwrites a run unasked)
+	$(VENV)/bin/scalelab pretrain --config configs/demo.toml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
