@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["sweep", "fit", "predict"])
     _add_config_args(p)
 
+    p = sub.add_parser("evals", help="studies over many runs: emergence (exact match vs continuous metrics)")
+    p.add_argument("action", choices=["emergence"])
+    _add_config_args(p)
+    p.add_argument("--n", type=int, default=100, help="examples per task and run")
+
     p = sub.add_parser("config", help="print the resolved config as TOML")
     p.add_argument("action", choices=["show"])
     _add_config_args(p)
@@ -175,6 +180,16 @@ def _cmd_scaling(args) -> None:
         print(sweep.describe_forecast(sweep.predict_then_verify(cfg)))
 
 
+def _cmd_evals(args) -> None:
+    from scalelab.config import load_config
+    from scalelab.evals.emergence import run_emergence
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_emergence(cfg.scaling.out_dir, n=args.n, seed=cfg.run.seed, progress=cfg.run.progress)
+    print(result["summary"])
+    print(f"plot: {result['png']}; table: {result['csv']}")
+
+
 def _cmd_config(args) -> None:
     from scalelab.config import load_config, to_toml
 
@@ -184,6 +199,7 @@ def _cmd_config(args) -> None:
 COMMANDS = {
     "pretrain": _cmd_pretrain, "eval": _cmd_eval, "sample": _cmd_sample, "report": _cmd_report,
     "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config, "scaling": _cmd_scaling,
+    "evals": _cmd_evals,
 }
 
 
