@@ -383,8 +383,14 @@ def _verdict(trows: list[dict]) -> str:
     jump_cut = max(0.5, 2 * smooth_share)  # at least half the change, and twice a smooth curve's step
     lp_txt = (f"log-likelihood per token goes from {lp[0]:.3f} to {lp[-1]:.3f} "
               f"(largest single step {l['step_share']:.0%} of its range)")
-    if e["range"] < 0.05:
-        return (f"Exact match stays flat (between {min(em):.2f} and {max(em):.2f}) over this compute range, "
+    # Exact match over n examples is a binomial proportion: a spread inside ~2 standard errors of a
+    # difference is sampling noise, not a jump.
+    n = min(int(_num(r.get("n", 0)) or 0) for r in trows)
+    p = float(np.clip(np.mean(em), 1e-3, 1 - 1e-3))
+    noise = 2 * math.sqrt(2 * p * (1 - p) / n) if n else 0.0
+    if e["range"] < 0.05 or e["range"] <= noise:
+        return (f"Exact match stays flat (between {min(em):.2f} and {max(em):.2f}, within sampling noise of "
+                f"±{noise:.2f} for n={n}) over this compute range, "
                 f"while {lp_txt}: no emergence visible here, yet the continuous metric "
                 f"{'still shows progress' if lp[-1] > lp[0] else 'shows no progress either'}.")
     i = e["step_at"]
@@ -395,6 +401,9 @@ def _verdict(trows: list[dict]) -> str:
             return (f"Exact match jumps: {e['step_share']:.0%} of its change happens in one step {where}, and "
                     f"{lp_txt}, in the same step: the model itself changes there (or the sweep is too coarse "
                     "to resolve a smooth change), not only the metric.")
+        if l["step_share"] >= jump_cut:
+            return (f"Exact match jumps: {e['step_share']:.0%} of its change happens in one step {where}, and "
+                    f"{lp_txt}, but in a different step: the sweep is too coarse or too noisy to say which.")
         return (f"Exact match jumps: {e['step_share']:.0%} of its change happens in one step {where}, while "
                 f"{lp_txt}: consistent with a metric-made (\"mirage\") jump, the likelihood improves gradually.")
     return (f"Exact match rises gradually (largest single step {e['step_share']:.0%} of its range, a smooth trend "
