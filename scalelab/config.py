@@ -273,10 +273,6 @@ def validate(cfg: Config) -> None:
     cfg.model.validate()
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def to_toml(cfg: Config) -> str:
     """TOML text that load_config reads back into the same config (a run folder's record)."""
     lines: list[str] = []

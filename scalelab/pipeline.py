@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from scalelab.config import Config, config_from_dict, load_config, read_toml, to_toml
 from scalelab.data.shards import TokenShards, build_shards
@@ -238,18 +236,7 @@ def _default_world_prompt(cfg: Config) -> str:
     return f"{person.name} was born"
 
 
-def machine_info() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "threads": torch.get_num_threads(),
-    }
-
-
 __all__ = [
     "Config", "PreparedData", "config_from_dict", "evaluate", "load_config", "load_corpus", "load_run_config",
-    "machine_info", "prepare", "pretrain", "read_metrics", "sample",
+    "prepare", "pretrain", "read_metrics", "sample",
 ]
