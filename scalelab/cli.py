@@ -7,6 +7,7 @@ Every stage that takes a config accepts ``--config FILE`` and any number of
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as TOML")
     p.add_argument("action", choices=["show"])
     _add_config_args(p)
+
+    # Stages with many flags keep their sub-command in their own package; each such module has
+    # ``register(sub, add_config_args) -> {name: handler}`` and imports nothing heavy at top level.
+    for module_name in STAGE_COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        COMMANDS.update(module.register(sub, _add_config_args))
     return parser
 
 
@@ -201,6 +208,9 @@ COMMANDS = {
     "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config, "scaling": _cmd_scaling,
     "evals": _cmd_evals,
 }
+
+
+STAGE_COMMAND_MODULES: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:
