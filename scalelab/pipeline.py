@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from scalelab.config import Config, config_from_dict, load_config, read_toml, to_toml
-from scalelab.data.shards import TokenShards, build_shards
+from scalelab.data.shards import TokenShards, build_shards, split_documents
 from scalelab.data.sources import load_documents
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
+from scalelab.evals import subtasks
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
@@ -67,6 +68,8 @@ def prepare(cfg: Config, run_dir: str | Path, env: DistEnv = DistEnv()) -> Prepa
         build_shards(docs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.run.seed)
         if cfg.data.source == "world":
             World(cfg.data.world).save(run / "world.json")
+            _, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.run.seed)
+            subtasks.save_tags(subtasks.tag_token_stream(val_docs, tokenizer), data_dir)
     barrier(env)
     return PreparedData(tokenizer=load_tokenizer(tok_dir), shards=TokenShards(data_dir))
 
@@ -88,7 +91,8 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
         if env.is_main:
             (run / CONFIG_FILE).write_text(to_toml(cfg))
         trainer = Trainer(
-            cfg, run, data.train_tokens, data.val_tokens, data.shards.bytes_per_token("val"), env=env
+            cfg, run, data.train_tokens, data.val_tokens, data.shards.bytes_per_token("val"), env=env,
+            val_subtasks=subtasks.load_tags(run / "data", len(data.val_tokens)),
         )
         metrics_path = run / "metrics.jsonl"
         if resume and trainer.resume():

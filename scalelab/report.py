@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from scalelab.evals.plots import plot_loss_curves
+from scalelab.evals.subtasks import plot_subtask_losses, saturation_steps, subtask_curves
 from scalelab.train.metrics import read_metrics
 
 
@@ -20,6 +21,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = _load_json(run / "summary.json")
     setup = next((r for r in records if r.get("kind") == "setup"), {})
     plot_loss_curves(records, run / "loss.png", baseline_bpb=ev.get("ngram_val_bpb"), title=run.name)
+    subtask_png = plot_subtask_losses(records, run / "subtasks.png", title=f"{run.name}: next-token loss by sub-task")
     lines = [f"# Run report: {run.name}", ""]
     if setup:
         lines += [
@@ -62,7 +64,14 @@ def write_report(run_dir: str | Path) -> Path:
         for line in samples_path.read_text(encoding="utf-8").splitlines():
             s = json.loads(line)
             lines += ["```text", (s["prompt"] + s["completion"]).strip(), "```", ""]
-    lines += ["", "![loss curves](loss.png)", "", "Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`."]
+    lines += ["", "![loss curves](loss.png)"]
+    if subtask_png:
+        sat = saturation_steps(subtask_curves(records))
+        order = ", ".join(f"{name} at step {step}" for name, step in sorted(sat.items(), key=lambda kv: kv[1]))
+        lines += ["", "## Sub-tasks", "",
+                  f"Step at which each sub-task first reached 90% of its improvement in this run: {order}.",
+                  "", "![val loss by sub-task](subtasks.png)"]
+    lines += ["", "Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`."]
     out = run / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -48,26 +48,43 @@ def evaluate_loss(
     device: torch.device,
     dtype: str,
     env: DistEnv = DistEnv(),
-) -> tuple[float, int]:
+    tags: np.ndarray | None = None,
+    n_tags: int = 0,
+) -> tuple[float, int] | tuple[float, int, dict[int, tuple[float, int]]]:
     """Mean next-token loss (nats) over deterministic windows of ``tokens``; also the token count.
 
-    Batches are dealt round-robin to processes and the sums are all-reduced.
+    With ``tags`` (one small int per token, < ``n_tags``), also the loss and token count of each tag,
+    from the same forward passes. Batches are dealt round-robin to processes and the sums all-reduced.
     """
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for i, (x, y) in enumerate(eval_batches(tokens, batch_size, block_size, max_batches)):
+    total = torch.zeros(2 + 2 * n_tags, dtype=torch.float64)
+    windows = eval_batches(tokens, batch_size, block_size, max_batches)
+    # The same windowing over the tag array lines every target token up with its tag.
+    tag_windows = eval_batches(tags, batch_size, block_size, max_batches) if tags is not None else None
+    for i, (x, y) in enumerate(windows):
+        y_tags = next(tag_windows)[1] if tag_windows is not None else None
         if i % env.world_size != env.rank:
             continue
         with autocast_context(device, dtype):
-            loss_sum = model(x.to(device), y.to(device), reduction="sum")
-        total[0] += loss_sum.double().cpu()
+            token_losses = model(x.to(device), y.to(device), reduction="none").double().cpu()
+        total[0] += token_losses.sum()
         total[1] += y.numel()
+        if y_tags is not None:
+            flat = y_tags.reshape(-1)
+            for k in range(n_tags):
+                hit = flat == k
+                total[2 + 2 * k] += token_losses[hit].sum()
+                total[3 + 2 * k] += hit.sum()
     total = all_reduce_sum(total, env)
     model.train(was_training)
     if total[1] == 0:
         raise ScalelabError(f"validation split has too few tokens for one block of {block_size + 1}")
-    return float(total[0] / total[1]), int(total[1])
+    mean, count = float(total[0] / total[1]), int(total[1])
+    if tags is None:
+        return mean, count
+    per_tag = {k: (float(total[2 + 2 * k] / max(total[3 + 2 * k], 1)), int(total[3 + 2 * k])) for k in range(n_tags)}
+    return mean, count, per_tag
 
 
 class Trainer:
@@ -80,8 +97,10 @@ class Trainer:
         val_bytes_per_token: float,
         env: DistEnv = DistEnv(),
         model: GPT | None = None,
+        val_subtasks: np.ndarray | None = None,
     ):
         self.cfg, self.env = cfg, env
+        self.val_subtasks = val_subtasks  # per-token sub-task tags of val_tokens (see evals/subtasks.py)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.val_tokens = val_tokens
@@ -132,13 +151,20 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
 
-    def eval_val(self) -> tuple[float, float]:
+    def eval_val(self) -> tuple[float, float, dict[str, float]]:
+        """Val loss, val bits per byte, and the val loss of each sub-task when the val set is tagged."""
+        from scalelab.evals.subtasks import SUBTASKS
+
         t = self.cfg.train
-        loss, _ = evaluate_loss(
+        tagged = self.val_subtasks is not None
+        out = evaluate_loss(
             self.model, self.val_tokens, max(1, t.batch_size // self.env.world_size), self.block_size,
             t.eval_batches, self.device, t.dtype, self.env,
+            tags=self.val_subtasks, n_tags=len(SUBTASKS) if tagged else 0,
         )
-        return loss, loss / math.log(2) / self.val_bytes_per_token
+        loss = out[0]
+        per_subtask = {f"val_loss/{SUBTASKS[k]}": v for k, (v, n) in out[2].items() if n} if tagged else {}
+        return loss, loss / math.log(2) / self.val_bytes_per_token, per_subtask
 
     def train_step(self) -> float:
         t = self.cfg.train
@@ -191,11 +217,12 @@ class Trainer:
                 )
             last_time = now
             if self.step % t.eval_every == 0 or self.step == end:
-                val_loss, val_bpb = self.eval_val()
+                val_loss, val_bpb, per_subtask = self.eval_val()
                 best = min(best, val_loss)
                 result.final_val_loss = val_loss
                 if logger:
-                    logger.log(kind="eval", step=self.step, val_loss=val_loss, val_bpb=val_bpb, elapsed=now - start_time)
+                    logger.log(kind="eval", step=self.step, val_loss=val_loss, val_bpb=val_bpb,
+                               elapsed=now - start_time, **per_subtask)
                 if bar:
                     bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
             elif bar and self.step % t.log_every == 0:
