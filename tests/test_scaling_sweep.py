@@ -61,3 +61,21 @@ def test_degenerate_grids_are_clear_errors(tmp_path, extra, message):
 def test_fit_needs_finished_runs(tmp_path):
     with pytest.raises(ScalelabError, match="no finished runs"):
         sweep.fit_sweep(sweep_cfg(tmp_path))
+
+
+def test_shakespeare_preset_sweeps_and_fits(tmp_path):
+    """The tiny-Shakespeare preset, shrunk: the same code path on a one-file text corpus (char tokens)."""
+    from conftest import SHAKESPEARE
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is not on this machine")
+    small = [
+        f'data.path="{SHAKESPEARE}"', "run.progress=false", f'scaling.out_dir="{tmp_path / "sweep"}"',
+        "model.block_size=32", "model.head_dim=16", "model.aspect_ratio=16", "train.batch_size=4",
+        "train.eval_batches=2", "scaling.depths=[1, 2, 3]", "scaling.tokens=[1024, 2048, 4096]", "scaling.n_bootstrap=3",
+    ]
+    cfg = load_config("configs/scaling_shakespeare.toml", small)
+    rows = sweep.run_sweep(cfg, progress=False)
+    assert len(rows) == 9 and all(r["loss"] > 0 for r in rows)
+    report = sweep.fit_sweep(cfg)
+    assert report["n_runs"] == 9 and (tmp_path / "sweep" / "fit_chinchilla.png").is_file()
