@@ -210,7 +210,8 @@ COMMANDS = {
 }
 
 
-STAGE_COMMAND_MODULES: list[str] = []
+STAGE_COMMAND_MODULES: list[str] = ["scalelab.infer.commands", "scalelab.serve.commands", "scalelab.parallel.commands",
+                                    "scalelab.posttrain.commands"]
 
 
 def main(argv: list[str] | None = None) -> int:

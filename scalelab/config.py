@@ -66,6 +66,16 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # newest checkpoints kept on disk; 0 keeps all
+    # Loss-spike guard (docs/fault_tolerance.md): roll back and skip data when the loss spikes.
+    spike_guard: bool = False
+    spike_window: int = 50  # trailing accepted losses the robust z-score is taken over
+    spike_threshold: float = 6.0  # robust std above the trailing median that counts as a spike
+    spike_warmup: int = 100  # steps before a finite loss may count as a spike (non-finite always does)
+    spike_rollback_steps: int = 100  # roll back to a checkpoint at least this many steps before the spike
+    spike_skip_batches: int = 0  # batches skipped past the spike, on top of those since the checkpoint
+    spike_max_rollbacks: int = 5  # interventions in one run before giving up with an error
+    inject_fault: str = ""  # fire drill: "poison:STEP" or "lr:STEP:FACTOR" (see train/spike.py)
     compile: bool = False
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
 
@@ -107,6 +117,110 @@ class ScalingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The device mesh: world = dp_replicate × dp_shard × tp (see docs/parallel.md).
+
+    -1 on one data axis means "all processes the other axes leave"; the default is plain DDP.
+    """
+
+    dp_replicate: int = -1  # replicas (DDP; HSDP across groups): put this axis on the slow link
+    dp_shard: int = 1  # FSDP2 shard group size (ZeRO-3); with dp_replicate > 1 this is HSDP
+    tp: int = 1  # tensor parallel (+ sequence parallel norms); keep it inside one host
+
+
+@dataclass
+class SFTConfig:
+    """Instruction tuning (scalelab sft). The optimizer's other settings (betas, decay, clip, schedule) come from [train]."""
+
+    data: str = "mixture"  # mixture: the built-in instruction mixture | jsonl | hf
+    path: str = ""  # jsonl file, or HF dataset name / saved folder / data file
+    split: str = "train"  # HF split
+    messages_field: str = "messages"
+    n_examples: int = 4000  # mixture: conversations drawn
+    families: list[str] = field(default_factory=list)  # mixture: task families (empty: all)
+    people: str = "known"  # mixture: whose facts: known | qa_train | qa_eval (world splits)
+    val_fraction: float = 0.05
+    pack: bool = True  # several conversations per block; false: one per row
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    eval_every: int = 50
+
+
+@dataclass
+class RMConfig:
+    """Reward model (scalelab rm): a scalar head on a pretrained or SFT backbone, Bradley-Terry loss."""
+
+    data: str = "generated"  # generated: the built-in preference generator | jsonl | hf
+    path: str = ""
+    split: str = "train"
+    n_pairs: int = 2000  # generated: pairs drawn
+    bias: str = ""  # generated: "" or "longer" (between equally correct replies the longer wins)
+    people: str = "known"  # generated: known | qa_train | qa_eval
+    val_fraction: float = 0.1
+    margin: float = 0.0  # added to each pair's own margin field: loss = -log sigmoid(r_c - r_r - margin)
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    eval_every: int = 50
+
+
+@dataclass
+class PPOConfig:
+    """PPO (scalelab ppo) from an SFT policy, with a frozen reference, a critic with GAE, and a KL penalty."""
+
+    reward: str = "rm"  # rm: a reward-model run | exact: 1 if the reply equals the task's answer
+    reward_model: str = ""  # rm: the reward-model run folder
+    families: list[str] = field(default_factory=list)  # prompts: instruction families (empty: short-answer ones)
+    people: str = "known"  # prompts about: known | qa_train | qa_eval
+    n_prompts: int = 2000
+    iterations: int = 50  # rollout batches
+    rollout_batch: int = 16  # prompts per rollout batch (one sample each)
+    minibatch_size: int = 8
+    epochs: int = 1  # passes over each rollout batch; more reuses data but drifts off-policy
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    lr: float = 1e-5
+    critic_lr: float = 1e-4
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # 0: unclipped value loss
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # initial beta of the per-token KL penalty
+    kl_estimator: str = "k1"  # k1: log p - log p_ref | k3: (r - 1) - log r, r = p_ref / p (unbiased, >= 0)
+    adaptive_kl: bool = False  # Ziegler et al. controller towards kl_target
+    kl_target: float = 6.0  # nats per sequence
+    kl_horizon: int = 10000
+    whiten_rewards: bool = True  # normalise sequence scores over each rollout batch
+    missing_eos_penalty: float = 0.0  # subtracted from the score of replies cut off by max_new_tokens
+    critic_init: str = "policy"  # policy: the SFT backbone | reward_model: the reward model's backbone and head
+
+
+@dataclass
+class DPOConfig:
+    """DPO (scalelab dpo) on preference pairs, against a frozen copy of the starting model."""
+
+    data: str = "generated"  # generated | jsonl | hf (as rm)
+    path: str = ""
+    split: str = "train"
+    n_pairs: int = 2000
+    bias: str = ""
+    people: str = "known"
+    val_fraction: float = 0.1
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    eval_every: int = 50
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +230,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,17 +379,70 @@ def validate(cfg: Config) -> None:
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.dtype in ("auto", "fp32", "bf16"), "train.dtype must be one of auto, fp32, bf16"),
         (cfg.train.eval_every >= 1, "train.eval_every must be at least 1"),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps all)"),
+        (not cfg.train.spike_guard or cfg.train.ckpt_every >= 1,
+         "train.spike_guard needs train.ckpt_every >= 1: it rolls back to periodic checkpoints"),
+        (not cfg.train.spike_guard or cfg.train.keep_checkpoints == 0
+         or cfg.train.keep_checkpoints * cfg.train.ckpt_every > cfg.train.spike_rollback_steps,
+         "train.keep_checkpoints x train.ckpt_every must exceed train.spike_rollback_steps, or no kept "
+         "checkpoint is old enough to roll back to"),
+        (cfg.train.spike_window >= 3, "train.spike_window must be at least 3"),
+        (cfg.train.spike_threshold > 0, "train.spike_threshold must be positive"),
+        (cfg.train.spike_warmup >= 0, "train.spike_warmup must be >= 0"),
+        (cfg.train.spike_rollback_steps >= 1, "train.spike_rollback_steps must be at least 1"),
+        (cfg.train.spike_skip_batches >= 0, "train.spike_skip_batches must be >= 0"),
+        (cfg.train.spike_max_rollbacks >= 0, "train.spike_max_rollbacks must be >= 0"),
         (cfg.sample.temperature >= 0, "sample.temperature must be >= 0"),
         (0.0 < cfg.sample.top_p <= 1.0, "sample.top_p must be in (0, 1]"),
         (cfg.scaling.design in ("grid", "isoflop"), "scaling.design must be grid or isoflop"),
         (all(d >= 1 for d in cfg.scaling.depths), "scaling.depths must all be >= 1"),
         (all(t > 0 for t in cfg.scaling.tokens), "scaling.tokens must all be positive"),
         (all(b > 0 for b in cfg.scaling.budgets), "scaling.budgets must all be positive"),
+        (all(v >= 1 or v == -1 for v in (cfg.parallel.dp_replicate, cfg.parallel.dp_shard)),
+         "parallel.dp_replicate and parallel.dp_shard must be >= 1, or -1 for 'the rest of the processes'"),
+        ((cfg.parallel.dp_replicate, cfg.parallel.dp_shard).count(-1) <= 1,
+         "only one of parallel.dp_replicate and parallel.dp_shard may be -1"),
+        (cfg.parallel.tp >= 1, "parallel.tp must be at least 1"),
+        *_posttrain_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
             raise ScalelabError(f"invalid config: {message}")
     cfg.model.validate()
+
+
+def _posttrain_checks(cfg: Config) -> list[tuple[bool, str]]:
+    s, r, p, d = cfg.sft, cfg.rm, cfg.ppo, cfg.dpo
+    checks = [
+        (s.data in ("mixture", "jsonl", "hf"), "sft.data must be one of mixture, jsonl, hf"),
+        (p.reward in ("rm", "exact"), "ppo.reward must be rm or exact"),
+        (p.kl_estimator in ("k1", "k3"), "ppo.kl_estimator must be k1 or k3"),
+        (p.critic_init in ("policy", "reward_model"), "ppo.critic_init must be policy or reward_model"),
+        (p.iterations >= 1 and p.rollout_batch >= 1 and p.epochs >= 1, "ppo.iterations, ppo.rollout_batch and ppo.epochs must be >= 1"),
+        (1 <= p.minibatch_size <= p.rollout_batch, "ppo.minibatch_size must be between 1 and ppo.rollout_batch"),
+        (p.max_new_tokens >= 1, "ppo.max_new_tokens must be at least 1"),
+        (p.temperature > 0, "ppo.temperature must be positive (PPO needs a sampling policy)"),
+        (p.clip > 0 and p.value_clip >= 0 and p.kl_coef >= 0, "ppo.clip must be positive; ppo.value_clip and ppo.kl_coef >= 0"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+        (p.kl_target > 0 and p.kl_horizon >= 1, "ppo.kl_target must be positive and ppo.kl_horizon >= 1"),
+        (d.beta > 0, "dpo.beta must be positive"),
+        *((sec.people in ("known", "qa_train", "qa_eval"), f"{name}.people must be one of known, qa_train, qa_eval")
+          for name, sec in (("sft", s), ("rm", r), ("ppo", p), ("dpo", d))),
+        (0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+    ]
+    for name, sec in (("sft", s), ("rm", r), ("dpo", d)):
+        checks += [
+            (sec.steps >= 1 and sec.batch_size >= 1 and sec.lr > 0, f"{name}.steps, {name}.batch_size and {name}.lr must be positive"),
+            (sec.warmup_steps >= 0 and sec.eval_every >= 1, f"{name}.warmup_steps must be >= 0 and {name}.eval_every >= 1"),
+            (0.0 <= sec.val_fraction < 1.0, f"{name}.val_fraction must be in [0, 1)"),
+            (sec.data == "mixture" or sec.data == "generated" or bool(sec.path), f"{name}.path is required when {name}.data = '{sec.data}'"),
+        ]
+    for name, sec in (("rm", r), ("dpo", d)):
+        checks += [
+            (sec.data in ("generated", "jsonl", "hf"), f"{name}.data must be one of generated, jsonl, hf"),
+            (sec.bias in ("", "longer"), f"{name}.bias must be \"\" or \"longer\""),
+        ]
+    return checks
 
 
 def to_toml(cfg: Config) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -104,6 +105,8 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
             logger.log(
                 kind="setup", step=trainer.step, params=m.num_params(), params_non_embedding=m.num_params(False),
                 flops_per_token=m.flops_per_token(), world_size=env.world_size, device=str(trainer.device),
+                # torchrun tells each worker how many run on its node; the rest are on other nodes
+                nodes=env.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
             )
         result = trainer.fit(logger=logger)
         logger.close()

@@ -35,6 +35,11 @@ def write_report(run_dir: str | Path) -> Path:
             f"- steps: {train['steps']}, tokens seen: {train['tokens_seen']:,}, wall time: {train['wall_seconds']:.1f} s",
             f"- best val loss during training: {train['best_val_loss']:.4f}",
         ]
+    interventions = [r for r in records if r.get("kind") == "intervention"]
+    if interventions:
+        lines += ["", "## Loss-spike interventions", ""]
+        lines += [f"- step {r['step']}: {r['reason']}; rolled back to step {r['rolled_back_to']} and skipped "
+                  f"{r['skipped_batches']} batches" for r in interventions]
     if ev:
         lines += [
             "",

@@ -72,6 +72,13 @@ class TokenLoader:
         mine = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
         return _windows(self.tokens, mine, self.block_size)
 
+    def skip_batches(self, n: int) -> None:
+        """Move past ``n`` global batches unseen: the spike guard drops the data window that preceded a spike."""
+        if n < 0:
+            raise ScalelabError(f"cannot skip a negative number of batches ({n})")
+        if n:
+            self._next_starts(n * self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()

@@ -1,17 +1,18 @@
-"""Process groups and data parallelism, kept out of model and trainer code.
+"""Process groups and small collectives, kept out of model and trainer code.
 
-The trainer asks for a ``DistEnv`` and for its model to be wrapped; whether that
-means nothing (one process), DDP over gloo (CPU) or NCCL (GPU) is decided here.
+``init_distributed`` joins the group torchrun describes (gloo on CPU, NCCL on GPU);
+how a model is then sharded or replicated is decided by the plans in
+scalelab.parallel.plans, from the ``[parallel]`` config.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -19,6 +20,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: Any = None  # process group of the reductions; None: every process (see ParallelSetup.data_env)
 
     @property
     def is_main(self) -> bool:
@@ -39,13 +41,6 @@ def init_distributed(device_type: str = "cpu") -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def wrap_data_parallel(model: torch.nn.Module, env: DistEnv, device: torch.device) -> torch.nn.Module:
-    if not env.enabled:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -57,7 +52,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=env.group)
         value /= env.world_size
     return value
 
@@ -65,7 +60,7 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=env.group)
     return value
 
 

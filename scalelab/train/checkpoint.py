@@ -6,11 +6,16 @@ Layout of one checkpoint folder::
       model.safetensors   weights (a tied lm_head is stored once, as embed.weight)
       train_state.pt      optimizer, step, RNG and data-loader state (tensors and plain values only)
       meta.json           step, model config, and a sha256 manifest of the two files above
+      dcp/                sharded runs (FSDP2/TP) only: model and optimizer in torch.distributed.checkpoint
+                          format, loadable on any mesh; train_state.pt then holds no optimizer state
 
-A checkpoint is written to a temporary folder, fsynced, then renamed into
-place, and ``latest`` is replaced atomically after it: a crash mid-write leaves
-the previous checkpoint as the latest complete one. Loading never unpickles
-arbitrary objects (safetensors, and torch.load with weights_only=True).
+A checkpoint is written to a temporary folder, every file and the folder are
+fsynced, then it is renamed into place (and the parent folder fsynced), and
+``latest`` is replaced atomically after it: a crash or power loss mid-write
+leaves the previous checkpoint as the latest complete one. Loading checks the
+manifest first and never unpickles arbitrary objects (safetensors, and
+torch.load with weights_only=True). Folders whose names start with a dot are
+unfinished writes or deletions and are never loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from scalelab.model.gpt import GPT, GPTConfig
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "dcp"
 
 
 def _sha256(path: Path) -> str:
@@ -57,19 +66,21 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself is only durable once the folder entry is
 
 
-def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def model_state_for_saving(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``state``: full weights gathered from a sharded model (default: model.state_dict())."""
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is embed.weight
     return state
 
 
-def save_weights(model: GPT, path: str | Path, metadata: dict | None = None) -> None:
+def save_weights(model: GPT, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> None:
     meta = {"config": json.dumps(asdict(model.config))}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    save_file(model_state_for_saving(model), str(path), metadata=meta)
+    save_file(model_state_for_saving(model, state), str(path), metadata=meta)
 
 
 def load_weights_into(model: GPT, path: str | Path) -> None:
@@ -97,7 +108,11 @@ def save_checkpoint(
     step: int,
     loader_state: dict,
     extra: dict | None = None,
+    model_state: dict | None = None,
+    sharded_dir: str | Path | None = None,
 ) -> Path:
+    """Write one checkpoint atomically. A sharded run passes its gathered full weights as ``model_state``
+    and the DCP folder all ranks wrote as ``sharded_dir``; it is moved inside and covered by the manifest."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -106,9 +121,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / MODEL_FILE, {"step": step})
+    save_weights(model, tmp / MODEL_FILE, {"step": step}, state=model_state)
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if sharded_dir is None else {},
         "step": step,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -116,28 +131,115 @@ def save_checkpoint(
         "extra": json.dumps(extra or {}),
     }
     torch.save(state, tmp / STATE_FILE)
-    manifest = {f: _sha256(tmp / f) for f in (MODEL_FILE, STATE_FILE)}
+    files = [MODEL_FILE, STATE_FILE]
+    if sharded_dir is not None:
+        os.replace(sharded_dir, tmp / SHARDED_DIR)
+        files += sorted(f"{SHARDED_DIR}/{f.name}" for f in (tmp / SHARDED_DIR).iterdir())
+    manifest = {f: _sha256(tmp / f) for f in files}
     meta = {"step": step, "model_config": asdict(model.config), "manifest": manifest}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    for f in (MODEL_FILE, STATE_FILE, META_FILE):
+    for f in (*files, META_FILE):
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
+    if sharded_dir is not None:
+        _fsync_dir(tmp / SHARDED_DIR)
     _fsync_dir(tmp)
+    _test_hang_hook(step)
     if final.exists():
-        shutil.rmtree(final)
+        # Rewriting a step (after a rollback) must never leave a half-deleted folder under its real name.
+        _remove_dir(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_text_atomic(root / "latest", name + "\n")
     return final
 
 
+def _test_hang_hook(step: int) -> None:
+    """Crash-safety tests kill a run here, deterministically, with every file written but not yet renamed.
+
+    ``SCALELAB_TEST_HANG_IN_CHECKPOINT=STEP:MARKER`` creates MARKER and blocks when saving STEP.
+    """
+    spec = os.environ.get("SCALELAB_TEST_HANG_IN_CHECKPOINT", "")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if at.isdigit() and int(at) == step:
+        Path(marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+
+
+def _step_of(name: str) -> int | None:
+    m = re.fullmatch(r"step_(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first. A folder only gets its final name once it is complete."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if (s := _step_of(p.name)) is not None and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    step = _step_of(Path(path).name)
+    if step is None:
+        raise ScalelabError(f"{path} is not a checkpoint folder (expected a name like step_000500)")
+    return step
+
+
+def _remove_dir(path: Path) -> None:
+    # Rename first: a crash in the middle of rmtree must not leave a partial folder under a loadable name.
+    doomed = path.with_name(f".{path.name}.del")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); the one ``latest`` names always stays."""
+    root = Path(ckpt_root)
+    for stale in root.glob(".step_*.del"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return []
+    current = latest_checkpoint(root)
+    doomed = [p for p in list_checkpoints(root)[:-keep] if p != current]
+    for p in doomed:
+        _remove_dir(p)
+    return doomed
+
+
+def discard_checkpoints_after(ckpt_root: str | Path, step: int) -> Path:
+    """Make the checkpoint at ``step`` the latest and delete newer ones: they belong to an abandoned history.
+
+    ``latest`` moves first, so a crash part-way still resumes from ``step``.
+    """
+    root = Path(ckpt_root)
+    target = root / f"step_{step:06d}"
+    if not (target / META_FILE).is_file():
+        raise ScalelabError(f"checkpoint {target} does not exist")
+    _write_text_atomic(root / "latest", target.name + "\n")
+    for p in list_checkpoints(root):
+        if checkpoint_step(p) > step:
+            _remove_dir(p)
+    return target
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names; without a usable pointer, the newest complete checkpoint folder."""
     root = Path(ckpt_root)
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path.name and (path / META_FILE).is_file():
+            return path
+    found = list_checkpoints(root)
+    return found[-1] if found else None
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -175,11 +277,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 
 def load_train_state(path: str | Path) -> dict:
-    verify_checkpoint(path)
+    try:
+        verify_checkpoint(path)
+    except ScalelabError as e:
+        older = [p.name for p in list_checkpoints(Path(path).parent) if p.name != Path(path).name]
+        if not older:
+            raise
+        pointer = Path(path).parent / "latest"
+        raise ScalelabError(
+            f"{e}; older checkpoints: {', '.join(older[-3:])} "
+            f"(write one of their names into {pointer} to resume from it)"
+        ) from None
     try:
         state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ScalelabError(
+            f"cannot read {Path(path) / STATE_FILE}: it holds objects other than tensors and plain values, "
+            "and is refused rather than unpickled"
+        ) from None
     except Exception as e:  # torch raises several types for a bad file; all mean "unreadable"
-        raise ScalelabError(f"cannot read {Path(path) / STATE_FILE}: {e}") from None
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ScalelabError(f"cannot read {Path(path) / STATE_FILE}: {first_line}") from None
     state["loader"] = json.loads(state["loader"])
     state["extra"] = json.loads(state["extra"])
     return state

@@ -1,0 +1,227 @@
+"""Crash safety: durable atomic checkpoint writes, corruption caught at load, and a real SIGKILL mid-write."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import scalelab_cmd, subprocess_env, tiny_overrides
+from scalelab.config import load_config
+from scalelab.errors import ScalelabError
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.parallel.dist import DistEnv
+from scalelab.pipeline import prepare
+from scalelab.train import checkpoint as ckpt
+from scalelab.train.metrics import read_metrics
+from scalelab.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Two spinning OpenMP threads on a shared 2-core box run many times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=16, depth=1, aspect_ratio=32, head_dim=16))
+
+
+def _save(root, step, model=None):
+    model = model or _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    return ckpt.save_checkpoint(root, model, optimizer, step, {"epoch": 0, "position": step})
+
+
+# -- durability ----------------------------------------------------------------------------------------
+
+
+def test_every_file_and_folder_is_fsynced_before_it_counts(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    root = tmp_path / "ck"
+    _save(root, 7)
+    tmp, final = str(root / ".step_000007.tmp"), str(root / "step_000007")
+    fsynced = [e[1] for e in events if e[0] == "fsync"]
+    renames = [e for e in events if e[0] == "rename"]
+    assert renames[0] == ("rename", tmp, final)
+    first_rename = events.index(renames[0])
+    before = {e[1] for e in events[:first_rename] if e[0] == "fsync"}
+    assert {f"{tmp}/{ckpt.MODEL_FILE}", f"{tmp}/{ckpt.STATE_FILE}", f"{tmp}/{ckpt.META_FILE}", tmp} <= before
+    # the folder entries of both renames (checkpoint, then the latest pointer) are made durable too
+    assert renames[1] == ("rename", str(root / "latest.tmp"), str(root / "latest"))
+    second_rename = events.index(renames[1])
+    assert ("fsync", str(root)) in events[first_rename:second_rename]
+    assert ("fsync", str(root / "latest.tmp")) in events[first_rename:second_rename]
+    assert events[-1] == ("fsync", str(root)) and fsynced.count(str(root)) >= 2
+
+
+def test_unfinished_writes_and_a_lost_pointer_are_handled(tmp_path):
+    root = tmp_path / "ck"
+    _save(root, 2)
+    _save(root, 4)
+    (root / ".step_000006.tmp").mkdir()  # a write killed before its rename
+    assert ckpt.latest_checkpoint(root) == root / "step_000004"
+    (root / "latest").unlink()  # lost pointer: fall back to the newest complete folder
+    assert ckpt.latest_checkpoint(root) == root / "step_000004"
+    (root / "latest").write_text("step_000099\n")  # dangling pointer: same
+    assert ckpt.latest_checkpoint(root) == root / "step_000004"
+    _save(root, 6)
+    assert not (root / ".step_000006.tmp").exists()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000002", "step_000004", "step_000006"]
+
+
+def test_keep_last_k_and_discard_after_a_rollback(tmp_path):
+    root = tmp_path / "ck"
+    for step in (2, 4, 6, 8):
+        _save(root, step)
+    assert [p.name for p in ckpt.prune_checkpoints(root, 2)] == ["step_000002", "step_000004"]
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(root)] == [6, 8]
+    ckpt.discard_checkpoints_after(root, 6)
+    assert ckpt.latest_checkpoint(root) == root / "step_000006"
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(root)] == [6]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    _save(root, 6)  # rewriting a step replaces it whole
+    ckpt.verify_checkpoint(root / "step_000006")
+
+
+# -- corruption ------------------------------------------------------------------------------------------
+
+
+def test_truncated_weights_are_named(tmp_path):
+    path = _save(tmp_path / "ck", 3)
+    weights = path / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ScalelabError, match=f"corrupt or truncated.*{weights}"):
+        ckpt.verify_checkpoint(path)
+    with pytest.raises(ScalelabError, match=str(weights)):
+        ckpt.load_model(path)
+    # without the manifest in the way, safetensors itself refuses the file, also by name
+    with pytest.raises(ScalelabError, match=f"{weights} is not a readable safetensors file"):
+        ckpt.read_safetensors(weights)
+
+
+def test_manifest_mismatch_is_named(tmp_path):
+    path = _save(tmp_path / "ck", 3)
+    state = path / ckpt.STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit, same length
+    state.write_bytes(bytes(data))
+    with pytest.raises(ScalelabError, match=f"checksum mismatch.*{state}"):
+        ckpt.load_train_state(path)
+
+
+def test_missing_or_garbled_manifest(tmp_path):
+    path = _save(tmp_path / "ck", 3)
+    (path / ckpt.META_FILE).write_text("{not json")
+    with pytest.raises(ScalelabError, match=f"manifest {path / ckpt.META_FILE} is corrupt"):
+        ckpt.verify_checkpoint(path)
+    (path / ckpt.META_FILE).unlink()
+    with pytest.raises(ScalelabError, match="has no meta.json"):
+        ckpt.load_model(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_train_state_is_never_unpickled(tmp_path, monkeypatch):
+    """Even with a manifest that matches, a pickle that would run code is refused, not executed."""
+    monkeypatch.chdir(tmp_path)
+    path = _save(tmp_path / "ck", 3)
+    state = path / ckpt.STATE_FILE
+    torch.save({"step": 3, "evil": _Payload()}, state)
+    m = json.loads((path / ckpt.META_FILE).read_text())
+    m["manifest"][ckpt.STATE_FILE] = ckpt._sha256(state)
+    (path / ckpt.META_FILE).write_text(json.dumps(m))
+    with pytest.raises(ScalelabError, match=f"cannot read {state}: .* refused rather than unpickled") as err:
+        ckpt.load_train_state(path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(pickle.UnpicklingError):  # torch's own guard, the one load_train_state relies on
+        torch.load(state, weights_only=True)
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(run, steps=4, **{"train.ckpt_every": "2"}))
+    data = prepare(cfg, run)
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+
+    def trainer():
+        return Trainer(cfg, run, data.train_tokens, data.val_tokens, data.shards.bytes_per_token("val"), env=DistEnv())
+
+    trainer().fit()
+    weights = ckpt.latest_checkpoint(run / "checkpoints") / ckpt.MODEL_FILE
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ScalelabError, match=f"{weights}.*older checkpoints: step_000002"):
+        trainer().resume()
+
+
+# -- a real kill ---------------------------------------------------------------------------------------
+
+
+def _pretrain(run, *extra):
+    args = sum((["--set", o] for o in tiny_overrides(run, steps=12, **{"train.ckpt_every": "3"})), [])
+    return scalelab_cmd("pretrain", "--skip-eval", *extra, *args)
+
+
+def _train_losses(run):
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_checkpoint_resumes_with_identical_losses(tmp_path):
+    ref, victim = tmp_path / "ref", tmp_path / "victim"
+    # the uninterrupted reference runs alongside the victim, one thread each
+    reference = subprocess.Popen(_pretrain(ref), env=subprocess_env(1), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "hanging"
+    env = subprocess_env(1) | {"SCALELAB_TEST_HANG_IN_CHECKPOINT": f"9:{marker}"}
+    proc = subprocess.Popen(_pretrain(victim), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached the checkpoint at step 9"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # every file of step 9 is written and fsynced, the rename is not done
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stderr.close()
+
+    ckdir = victim / "checkpoints"
+    assert (ckdir / ".step_000009.tmp" / ckpt.META_FILE).is_file()
+    assert not (ckdir / "step_000009").exists()
+    assert ckpt.latest_checkpoint(ckdir) == ckdir / "step_000006"
+    assert max(_train_losses(victim)) == 9  # steps 7-9 ran and were logged before the kill
+
+    r = subprocess.run(_pretrain(victim, "--resume"), env=subprocess_env(1), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    assert _train_losses(victim) == _train_losses(ref)  # exact: steps 7-12 replayed bit for bit
+    assert sorted(_train_losses(ref)) == list(range(1, 13))
+    setups = [rec["step"] for rec in read_metrics(victim / "metrics.jsonl") if rec["kind"] == "setup"]
+    assert setups == [0, 6]
+    assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]  # the torn write was cleaned up
