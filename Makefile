@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BROWSER := $(VENV)/.browser
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo test bench clean
 
@@ -15,16 +17,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The web chat test drives Debian's chromium through Playwright (which never downloads a browser here).
+$(BROWSER): $(STAMP)
+	[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y chromium chromium-driver; }
+	touch $(BROWSER)
+
 demo: $(STAMP)
 	# --overwrite: each `make demo` starts runs/demo afresh (scalelab never overwrites a run unasked)
 	$(VENV)/bin/scalelab pretrain --config configs/demo.toml --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/shakespeare_char.py
+	$(PY) bench/parallel.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -53,3 +53,14 @@ def tiny():
 
 def scalelab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "scalelab", *args]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One `scalelab serve` process (API key serve_util.API_KEY) over a tiny trained run, shared by
+    the server and web chat tests."""
+    from serve_util import API_KEY, Server, train_tiny_run
+
+    server = Server(train_tiny_run(tmp_path_factory.mktemp("serve") / "tiny"), "--api-key", API_KEY, "--max-batch", "4")
+    yield server
+    server.stop()

@@ -81,7 +81,7 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D)
+    # x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) when every row has its own positions
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -102,6 +102,9 @@ class KVCache:
 
     All rows of a batch share one position counter; variable-length batching is
     the inference engine's job (scalelab.infer), built on top of this.
+
+    A cache is anything with the three methods below, so the engine can bring
+    its own layout (one length per row) without the model knowing about it.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -119,6 +122,25 @@ class KVCache:
         out.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         out.pos, out.max_len = self.pos, self.max_len
         return out
+
+    def positions(self, T: int) -> tuple[slice | torch.Tensor, int]:
+        """Index into the RoPE tables for T new tokens (a slice, or a (B, T) tensor), and one past the last position."""
+        return slice(self.pos, self.pos + T), self.pos + T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys and values; return all keys, values, and the mask for the new queries (None: all visible)."""
+        start, T = self.pos, k.shape[2]
+        self.k[layer][:, :, start : start + T] = k
+        self.v[layer][:, :, start : start + T] = v
+        k_all = self.k[layer][:, :, : start + T]
+        v_all = self.v[layer][:, :, : start + T]
+        if T == 1:  # one new token sees everything before it: no mask needed
+            return k_all, v_all, None
+        # new query i sits at absolute position start+i and may see keys 0..start+i
+        return k_all, v_all, torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(diagonal=start)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
 
 
 class Attention(nn.Module):
@@ -146,17 +168,8 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            start = cache.pos
-            cache.k[self.layer][:, :, start : start + T] = k
-            cache.v[self.layer][:, :, start : start + T] = v
-            k_all = cache.k[self.layer][:, :, : start + T]
-            v_all = cache.v[self.layer][:, :, : start + T]
-            if T == 1:  # one new token sees everything before it: no mask needed
-                y = F.scaled_dot_product_attention(q, k_all, v_all, enable_gqa=gqa)
-            else:
-                # new query i sits at absolute position start+i and may see keys 0..start+i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+            k_all, v_all, mask = cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -239,25 +252,37 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored (masked positions, e.g. prompts in SFT).
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
+        where, end = cache.positions(T) if cache is not None else (slice(0, T), T)
+        if end > self.config.block_size:
             raise ScalelabError(
-                f"sequence of {start + T} tokens is longer than the model's context of {self.config.block_size}"
+                f"sequence of {end} tokens is longer than the model's context of {self.config.block_size}"
             )
-        cos = self.rope_cos[start : start + T]
-        sin = self.rope_sin[start : start + T]
+        cos, sin = self.rope_cos[where], self.rope_sin[where]
+        if cos.dim() == 3:  # per-row positions (B, T, D): broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         x = self.final_norm(x)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         logits = self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
         )
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden states (B, T, n_embd) that lm_head reads: the input of reward and value heads."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ScalelabError(f"sequence of {T} tokens is longer than the model's context of {self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.final_norm(x)
 
     # -- accounting ---------------------------------------------------------------------------------
 

@@ -1,0 +1,99 @@
+"""A KV cache with one length per slot, for batches of sequences of different lengths.
+
+The model's own KVCache keeps one position counter for the whole batch. Here
+every slot (row) has its own length, so a decode step can advance sequences
+that started at different times: each row's new token is written at that row's
+position, rotated by that row's RoPE angle, and attends only to that row's
+keys (an attention mask hides the rest of the padded key range).
+
+A forward pass works on a subset of the slots, chosen before the call with
+:meth:`SlotKVCache.begin_prefill` or :meth:`SlotKVCache.begin_decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scalelab.model.gpt import GPTConfig
+
+
+def _as_index(slots: list[int], device) -> slice | torch.Tensor:
+    # A run of consecutive slots is a view, not a gather: the common case once slots are reused lowest-first.
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots, dtype=torch.long, device=device)
+
+
+class SlotKVCache:
+    def __init__(self, cfg: GPTConfig, n_slots: int, max_len: int, device=None, dtype=torch.float32):
+        c = cfg.resolved()
+        shape = (n_slots, c.n_kv_head, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.depth)]
+        self.n_slots, self.max_len, self.device = n_slots, max_len, device
+        self.lengths = [0] * n_slots
+        self._mode = ""
+
+    # -- choosing the rows of the next forward pass --------------------------------------------------
+
+    def begin_prefill(self, slots: list[int], lengths: list[int]) -> None:
+        """Next forward: whole prompts into empty slots, right-padded to the longest.
+
+        Padding positions write keys past a row's real length; they are never
+        attended to (causal mask, then the decode mask) and are overwritten later.
+        """
+        self._mode, self._slots, self._new_lengths = "prefill", list(slots), list(lengths)
+        self._rows = _as_index(self._slots, self.device)
+
+    def begin_decode(self, slots: list[int]) -> None:
+        """Next forward: one new token per slot, each at its own position."""
+        self._mode, self._slots = "decode", list(slots)
+        self._rows = _as_index(self._slots, self.device)
+        self._row_ids = torch.tensor(self._slots, dtype=torch.long, device=self.device)
+        pos = [self.lengths[s] for s in slots]
+        self._pos = torch.tensor(pos, dtype=torch.long, device=self.device)
+        self._span = max(pos) + 1
+        keys = torch.arange(self._span, device=self.device)
+        self._mask = (keys[None, :] <= self._pos[:, None]).view(len(slots), 1, 1, self._span)
+
+    # -- the protocol GPT.forward calls ---------------------------------------------------------------
+
+    def positions(self, T: int):
+        if self._mode == "prefill":
+            return slice(0, T), max(self._new_lengths)
+        return self._pos.view(-1, 1), self._span
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.k[layer], self.v[layer]
+        if self._mode == "prefill":
+            T = k.shape[2]
+            kc[self._rows, :, :T] = k
+            vc[self._rows, :, :T] = v
+            return k, v, torch.ones(T, T, dtype=torch.bool, device=k.device).tril()
+        # pair row b with position pos[b]: (B,) and (B,) advanced indices pick one (H, D) slice per row
+        kc[self._row_ids, :, self._pos] = k[:, :, 0]
+        vc[self._row_ids, :, self._pos] = v[:, :, 0]
+        span = slice(0, self._span)
+        return kc[self._rows, :, span], vc[self._rows, :, span], self._mask
+
+    def advance(self, T: int) -> None:
+        if self._mode == "prefill":
+            for s, n in zip(self._slots, self._new_lengths):
+                self.lengths[s] = n
+        else:
+            for s in self._slots:
+                self.lengths[s] += 1
+        self._mode = ""
+
+    # -- slot management ------------------------------------------------------------------------------
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Give ``dst`` the prompt already prefilled in ``src``: n samples share one prefill."""
+        n = self.lengths[src]
+        for kc, vc in zip(self.k, self.v):
+            kc[dst, :, :n] = kc[src, :, :n]
+            vc[dst, :, :n] = vc[src, :, :n]
+        self.lengths[dst] = n
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0

@@ -1,0 +1,431 @@
+"""The inference engine: batched, continuously batched, streaming generation with a KV cache.
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    outs = engine.generate([ids_a, ids_b], GenerationParams(max_new_tokens=32, temperature=0.0))
+
+Design
+- Every running sequence owns one slot of a :class:`SlotKVCache`; each slot
+  has its own length, so sequences of different lengths decode together.
+- A scheduler step first advances every running sequence by one token (one
+  forward pass of shape (B, 1)), retires the finished ones, then admits waiting
+  requests into the free slots with one right-padded prefill. Requests thus join
+  and leave a running batch between decode steps (continuous batching).
+- A prompt with ``n`` samples is prefilled once; its cache row is copied to the
+  other samples' slots.
+- Each sample draws from its own ``torch.Generator`` seeded from the request's
+  seed, so its tokens do not depend on which requests share the batch.
+- ``start()`` runs the scheduler on a background thread for the server;
+  without it, ``generate`` and ``stream`` drive the steps in the calling thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import queue
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from scalelab.errors import ScalelabError
+from scalelab.infer.cache import SlotKVCache
+from scalelab.infer.sample import SamplingParams, cut_at_stop, filter_logits
+
+
+@dataclass
+class GenerationParams(SamplingParams):
+    """SamplingParams plus what serving needs. ``seed=None`` draws a fresh random seed."""
+
+    n: int = 1  # samples per prompt, sharing one prefill
+    logprobs: bool = False  # log-probability of each sampled token under the model (raw logits, no temperature)
+    truncate_prompt: bool = False  # opt in: keep the end of a prompt too long for the context
+
+
+@dataclass
+class Completion:
+    """One sample. ``tokens`` are all sampled tokens (a stop string's tokens included, stop token ids not);
+    ``text`` is cut exactly before the earliest stop string."""
+
+    prompt_index: int
+    index: int
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """A streamed step of one sample. ``text`` is the newly final text: it lags the tokens while a stop
+    string might still be forming or a multi-byte character is incomplete, and catches up at the end."""
+
+    index: int
+    token: int | None
+    text: str
+    logprob: float | None = None
+    finish_reason: str | None = None
+
+
+class Request:
+    """A submitted prompt. ``on_event`` is called from the engine's thread with each TokenEvent, then once
+    with None when the whole request is over (finished, cancelled or failed)."""
+
+    def __init__(self, prompt: list[int], params: GenerationParams, on_event: Callable | None, prompt_index: int = 0):
+        self.prompt, self.params, self.on_event, self.prompt_index = prompt, params, on_event, prompt_index
+        self.results: list[Completion | None] = [None] * params.n
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._done = threading.Event()
+        self._open = params.n
+
+    def cancel(self) -> None:
+        """Stop generating; the slots free up at the next step."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> list[Completion]:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return [r for r in self.results if r is not None]
+
+    def _emit(self, event: TokenEvent | None) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _close(self) -> None:
+        if not self._done.is_set():
+            self._done.set()
+            self._emit(None)
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    # Sample 0 keeps the request seed, so n=1 matches scalelab.infer.sample.generate draw for draw.
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def safe_text_end(text: str, stop_strings) -> int:
+    """How much of a growing text is final: hold back a tail that could still become a stop string,
+    and a trailing replacement character (a multi-byte character split across tokens)."""
+    end = len(text)
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return end
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: Request
+    index: int
+    slot: int
+    max_new: int
+    gen: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    pending: int | None = None  # last sampled token, not yet in the cache
+    sent: int = 0  # characters of text already streamed
+
+
+class Engine:
+    def __init__(self, model, tokenizer, device=None, max_batch: int = 8):
+        if max_batch < 1:
+            raise ScalelabError("max_batch must be at least 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        self.context = model.config.block_size
+        self.max_batch = max_batch
+        self.cache = SlotKVCache(model.config, max_batch, self.context, device=self.device, dtype=p.dtype)
+        self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch a contiguous view
+        self._running: list[_Seq] = []
+        self._waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], params: GenerationParams) -> list[int]:
+        """The prompt as it will run, or a ScalelabError saying why it cannot."""
+        if not prompt:
+            raise ScalelabError("empty prompt: give at least one token (e.g. the BOS token)")
+        if params.max_new_tokens < 0:
+            raise ScalelabError("max_new_tokens must be >= 0")
+        if not 1 <= params.n <= self.max_batch:
+            raise ScalelabError(f"n must be between 1 and the engine's max_batch ({self.max_batch})")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise ScalelabError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if params.truncate_prompt:
+            keep = max(1, self.context - params.max_new_tokens)
+            return list(prompt[-keep:])
+        if len(prompt) > self.context:
+            raise ScalelabError(
+                f"prompt of {len(prompt)} tokens is longer than the model's context of {self.context} "
+                "(truncate it, or opt in to truncation with truncate_prompt=True)"
+            )
+        return list(prompt)
+
+    def submit(self, prompt: list[int], params: GenerationParams, on_event: Callable | None = None,
+               prompt_index: int = 0) -> Request:
+        """Queue one prompt (validated now, so errors reach the caller); it joins the batch at the next step."""
+        if params.seed is None:
+            params = GenerationParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(7), "little")})
+        req = Request(self.check(prompt, params), params, on_event, prompt_index)
+        with self._cv:
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Completion]:
+        """Completions for every prompt, prompt-major: prompt i's samples are [i*n, (i+1)*n)."""
+        for p in prompts:
+            self.check(p, params)
+        reqs = [self.submit(p, params, prompt_index=i) for i, p in enumerate(prompts)]
+        if self._thread is None:
+            while not all(r.done for r in reqs):
+                self.step()
+        return [c for r in reqs for c in r.wait()]
+
+    def stream(self, prompt: list[int], params: GenerationParams) -> Iterator[TokenEvent]:
+        """TokenEvents of one prompt as they are produced; closing the iterator early cancels the request."""
+        events: queue.Queue = queue.Queue()
+        req = self.submit(prompt, params, on_event=events.put)
+        try:
+            while True:
+                if self._thread is None:
+                    while events.empty() and not req.done:
+                        self.step()
+                ev = events.get()
+                if ev is None:
+                    break
+                yield ev
+            if req.error is not None:
+                raise req.error
+        finally:
+            req.cancel()
+
+    def start(self) -> "Engine":
+        """Run the scheduler on a background thread (for servers)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="scalelab-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- scheduling ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception:  # already reported to the requests it failed; keep serving the others
+                traceback.print_exc()
+        for s in list(self._running):
+            s.req.cancel()
+        self._retire_cancelled()
+        with self._cv:
+            while self._waiting:
+                self._waiting.popleft()._close()
+
+    def step(self) -> bool:
+        """One decode step for the running batch, then admit waiting requests. Returns whether it did work."""
+        with self._step_lock, torch.inference_mode():
+            admitted: list[tuple[Request, list[int]]] = []
+            try:
+                self._retire_cancelled()
+                decoding = [s for s in self._running if s.pending is not None]
+                if decoding:
+                    self._decode(decoding)
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                return bool(decoding or admitted)
+            except Exception as e:  # a bug or out-of-memory: fail the requests in flight, keep the engine usable
+                self._fail_running(e, [r for r, _ in admitted])
+                raise
+
+    def _admit(self) -> list[tuple[Request, list[int]]]:
+        admitted = []
+        with self._cv:
+            while self._waiting:
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()._close()
+                    continue
+                if req.params.max_new_tokens == 0 or len(req.prompt) >= self.context:
+                    self._waiting.popleft()
+                    self._finish_empty(req)
+                    continue
+                if req.params.n > len(self._free):
+                    break  # first come, first served: later requests do not overtake a big one
+                self._waiting.popleft()
+                admitted.append((req, [heapq.heappop(self._free) for _ in range(req.params.n)]))
+        return admitted
+
+    def _finish_empty(self, req: Request) -> None:
+        for i in range(req.params.n):
+            logprobs = [] if req.params.logprobs else None
+            req.results[i] = Completion(req.prompt_index, i, [], "", "length", len(req.prompt), logprobs)
+            req._emit(TokenEvent(i, None, "", None, "length"))
+        req._close()
+
+    def _prefill(self, admitted: list[tuple[Request, list[int]]]) -> None:
+        reqs = [r for r, _ in admitted]
+        lengths = [len(r.prompt) for r in reqs]
+        T = max(lengths)
+        idx = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            idx[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        firsts = [slots[0] for _, slots in admitted]
+        self.cache.begin_prefill(firsts, lengths)
+        logits = self.model(idx.to(self.device), cache=self.cache)
+        last = logits[torch.arange(len(reqs), device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
+        seqs, rows = [], []
+        for i, (r, slots) in enumerate(admitted):
+            p = r.params
+            max_new = min(p.max_new_tokens, self.context - len(r.prompt))
+            for j, slot in enumerate(slots):
+                if j:
+                    self.cache.copy_slot(firsts[i], slot)
+                gen = None
+                if p.temperature > 0:
+                    gen = torch.Generator(device=self.device).manual_seed(_sample_seed(p.seed, j))
+                seq = _Seq(r, j, slot, max_new, gen)
+                self._running.append(seq)
+                seqs.append(seq)
+                rows.append(i)
+        self._sample_and_accept(seqs, last[torch.tensor(rows, device=last.device)])
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        seqs = sorted(seqs, key=lambda s: s.slot)
+        self.cache.begin_decode([s.slot for s in seqs])
+        idx = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
+        logits = self.model(idx, cache=self.cache)[:, -1]
+        self._sample_and_accept(seqs, logits)
+
+    def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        logits = logits.float()
+        greedy = [i for i, s in enumerate(seqs) if s.gen is None]
+        chosen = [0] * len(seqs)
+        if greedy:
+            picks = logits[greedy].argmax(-1).tolist()
+            for i, t in zip(greedy, picks):
+                chosen[i] = t
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.gen is not None:
+                p = s.req.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():  # one filter per setting, one draw per sample
+            probs = filter_logits(logits[rows], temperature, top_k, top_p).softmax(-1)
+            for r, i in enumerate(rows):
+                chosen[i] = int(torch.multinomial(probs[r : r + 1], 1, generator=seqs[i].gen))
+        want = [i for i, s in enumerate(seqs) if s.req.params.logprobs]
+        lps: dict[int, float] = {}
+        if want:
+            rows = torch.tensor(want, device=logits.device)
+            cols = torch.tensor([chosen[i] for i in want], device=logits.device)
+            vals = logits[rows].log_softmax(-1)[torch.arange(len(want), device=logits.device), cols].tolist()
+            lps = dict(zip(want, vals))
+        for i, s in enumerate(seqs):
+            self._accept(s, chosen[i], lps.get(i))
+
+    def _accept(self, seq: _Seq, tok: int, lp: float | None) -> None:
+        p = seq.req.params
+        reason = None
+        if tok in p.stop_token_ids:
+            reason, tok, lp = "stop", None, None
+        else:
+            seq.tokens.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+        text = self.tokenizer.decode(seq.tokens)
+        if p.stop_strings:
+            cut = cut_at_stop(text, p.stop_strings)
+            if len(cut) < len(text):
+                reason, text = "stop", cut
+        if reason is None and len(seq.tokens) >= seq.max_new:
+            reason = "length"
+        end = len(text) if reason else safe_text_end(text, p.stop_strings)
+        delta = text[seq.sent : end] if end > seq.sent else ""
+        seq.sent = max(seq.sent, end)
+        seq.req._emit(TokenEvent(seq.index, tok, delta, lp, reason))
+        if reason is None:
+            seq.pending = tok
+            return
+        seq.req.results[seq.index] = Completion(
+            seq.req.prompt_index, seq.index, seq.tokens, text, reason, len(seq.req.prompt),
+            seq.logprobs if p.logprobs else None,
+        )
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        self._running.remove(seq)
+        self.cache.release(seq.slot)
+        heapq.heappush(self._free, seq.slot)
+        seq.req._open -= 1
+        if seq.req._open == 0:
+            seq.req._close()
+
+    def _retire_cancelled(self) -> None:
+        for s in [s for s in self._running if s.req.cancelled]:
+            if s.req.results[s.index] is None:
+                text = self.tokenizer.decode(s.tokens)
+                s.req.results[s.index] = Completion(
+                    s.req.prompt_index, s.index, s.tokens, text, "cancelled", len(s.req.prompt),
+                    s.logprobs if s.req.params.logprobs else None,
+                )
+            self._release(s)
+
+    def _fail_running(self, error: BaseException, admitting: list[Request]) -> None:
+        for s in list(self._running):
+            s.req.error = error
+            self._release(s)
+        for r in admitting:
+            if not r.done:
+                r.error = error
+                r._close()
+        # slots of admitted requests that never became sequences go back to the pool
+        used = {s.slot for s in self._running}
+        self._free = [i for i in range(self.max_batch) if i not in used]
+        heapq.heapify(self._free)

@@ -1,0 +1,207 @@
+"""Export a scalelab model to a Hugging Face ``transformers`` folder.
+
+Our GPT maps onto two HF architectures without any approximation:
+
+- ``mlp = "swiglu"``, ``qk_norm = false`` -> ``LlamaForCausalLM``
+- ``mlp = "swiglu"``, ``qk_norm = true``  -> ``Qwen3ForCausalLM`` (Llama plus a per-head RMSNorm on
+  q and k, applied after the projection and before RoPE, exactly where ours is)
+
+Why these are exact: both use pre-norm blocks without biases, RMSNorm as ``x / rms(x) * w`` (not
+``1 + w``) with one eps everywhere, rotate-half RoPE with ``inv_freq = theta^(-2i/d)``, attention
+scaled by ``head_dim ** -0.5``, ``down(silu(gate(x)) * up(x))``, no embedding, logit or residual
+scaling, and an optional tied lm_head. ReLU² and GELU MLPs have no gate, which neither HF class can
+express, so they are refused with the setting that would work.
+
+Written files: ``config.json``, ``model.safetensors``, ``generation_config.json`` and, for a BPE
+tokenizer, ``tokenizer.json`` / ``tokenizer_config.json`` / ``special_tokens_map.json`` (what
+``AutoTokenizer.from_pretrained`` reads). Nothing here imports ``transformers``: exporting needs only
+safetensors; loading the result is the consumer's business.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from scalelab.errors import ScalelabError
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.tokenizer.tokenizers import SPECIAL_TOKENS, Tokenizer
+
+# GPTConfig fields this mapping understands. A field added to GPTConfig later (a softcap, a bias,
+# a new norm) is refused until someone checks how it maps, instead of silently exporting a
+# model that computes something else.
+_KNOWN_FIELDS = {
+    "vocab_size", "block_size", "depth", "aspect_ratio", "head_dim", "n_embd", "n_head", "n_kv_head",
+    "mlp", "mlp_hidden", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps", "init_std",
+}
+
+_RENAMES = [
+    (r"^embed\.weight$", "model.embed_tokens.weight"),
+    (r"^final_norm\.weight$", "model.norm.weight"),
+    (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^blocks\.(\d+)\.mlp_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^blocks\.(\d+)\.attn\.([qkvo]_proj|q_norm|k_norm)\.weight$", r"model.layers.\1.self_attn.\2.weight"),
+    (r"^blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$", r"model.layers.\1.mlp.\2.weight"),
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_architecture(cfg: GPTConfig) -> str:
+    """The HF class that computes exactly what ``cfg`` computes, or a ScalelabError saying why none does."""
+    unknown = sorted(f.name for f in fields(cfg) if f.name not in _KNOWN_FIELDS
+                     and getattr(cfg, f.name) != f.default)
+    if unknown:
+        raise ScalelabError(f"cannot export to hf: model.{unknown[0]} has no known Hugging Face equivalent yet")
+    if cfg.mlp != "swiglu":
+        raise ScalelabError(
+            f"cannot export to hf: model.mlp={cfg.mlp} has no exact Llama/Qwen3 equivalent "
+            "(their MLPs are gated); train with model.mlp=\"swiglu\""
+        )
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+
+
+def hf_config(model: GPT, tokenizer: Tokenizer | None, dtype: str = "float32") -> dict:
+    c = model.config
+    arch = hf_architecture(c)
+    special = tokenizer.special_ids if tokenizer is not None else {}
+    bos = special.get("<|bos|>")
+    # A base model ends a document where the next BOS starts; a chat model ends its turn.
+    eos = [i for i in (bos, special.get("<|assistant_end|>")) if i is not None] or None
+    cfg = {
+        "architectures": [arch],
+        "model_type": "qwen3" if arch.startswith("Qwen3") else "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.mlp_hidden,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim,  # explicit: Qwen3's default (128) is not hidden/heads
+        "hidden_act": "silu",
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": c.init_std,
+        "use_cache": True,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+    if arch.startswith("Qwen3"):
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.depth)
+    else:
+        cfg.update(mlp_bias=False, pretraining_tp=1)
+    return cfg
+
+
+def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("rope_"):
+            continue  # recomputed buffers, not weights
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # HF ties it back to embed_tokens (tie_word_embeddings)
+        for pattern, repl in _RENAMES:
+            if re.match(pattern, name):
+                out[re.sub(pattern, repl, name)] = tensor.detach().to("cpu", dtype).contiguous()
+                break
+        else:
+            raise ScalelabError(f"cannot export to hf: no Hugging Face name for weight {name!r}")
+    return out
+
+
+def export_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
+    if tokenizer.kind != "bpe":
+        raise ScalelabError(
+            f"cannot export a {tokenizer.kind} tokenizer to hf (only BPE has a tokenizer.json); "
+            "pass --no-tokenizer to export the weights alone"
+        )
+    tokenizer.hf.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>"}
+    extra = [s for s in SPECIAL_TOKENS if s not in specials.values()]
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({**specials, "additional_special_tokens": extra}, indent=2), encoding="utf-8"
+    )
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "additional_special_tokens": extra,
+        "model_max_length": max_length,
+        "add_bos_token": False,  # ours adds BOS only when asked, so HF must not add one either
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2), encoding="utf-8")
+
+
+def export_hf(
+    model: GPT,
+    tokenizer: Tokenizer | None,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (and its tokenizer, unless None) as a transformers folder; returns the folder."""
+    if dtype not in DTYPES:
+        raise ScalelabError(f"unknown export dtype {dtype!r} (use {', '.join(DTYPES)})")
+    config = hf_config(model, tokenizer, dtype)  # refuses unmappable models before touching disk
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ScalelabError(f"export folder {out} already exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    # transformers refuses safetensors files without format metadata
+    save_file(hf_state_dict(model, DTYPES[dtype]), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        export_tokenizer(tokenizer, out, model.config.block_size)
+    return out
+
+
+def find_run_tokenizer(path: Path) -> Path | None:
+    """The tokenizer folder of a run folder, or of the run holding a checkpoint folder."""
+    for cand in (path / "tokenizer", path.parent.parent / "tokenizer"):
+        if (cand / "tokenizer_meta.json").is_file():
+            return cand
+    return None
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", with_tokenizer: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    from scalelab.tokenizer import load_tokenizer
+    from scalelab.train.checkpoint import load_model
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ScalelabError(f"run folder not found: {run}")
+    model = load_model(run, "cpu")
+    tokenizer = None
+    if with_tokenizer:
+        tok_dir = find_run_tokenizer(run)
+        if tok_dir is None:
+            raise ScalelabError(f"no tokenizer found for {run} (looked for tokenizer/); pass --no-tokenizer to skip it")
+        tokenizer = load_tokenizer(tok_dir)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ScalelabError(
+                f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}"
+            )
+    return export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,41 @@
+"""``scalelab serve RUN_DIR``: the OpenAI-compatible server and web chat over a run's model."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(sub, add_config_args) -> dict:
+    p = sub.add_parser("serve", help="serve a run's model: OpenAI-compatible API and a web chat page")
+    p.add_argument("run_dir", help="run folder (its latest checkpoint and tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SCALELAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $SCALELAB_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run folder's name)")
+    p.add_argument("--memory", default=None, help="SQLite file for user memories (default: RUN_DIR/memory.sqlite)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads on CPU (default 1: decoding a few rows is latency-bound, and extra "
+                        "threads mostly spin, badly so on a shared machine)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 1 MiB)")
+    return {"serve": _cmd_serve}
+
+
+def _cmd_serve(args) -> None:
+    import uvicorn
+
+    from scalelab.errors import ScalelabError
+    from scalelab.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+
+    if args.max_batch < 1 or args.threads < 1:
+        raise ScalelabError("--max-batch and --threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    app = create_app(args.run_dir, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, memory=args.memory)
+    engine = app.state.engine
+    print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}) "
+          f"at http://{args.host}:{args.port}/ {'with' if args.api_key else 'without'} an API key", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,173 @@
+"""The inference engine: batched and continuous batching equal one-at-a-time and full recompute."""
+
+import threading
+
+import pytest
+import torch
+
+from scalelab.errors import ScalelabError
+from scalelab.infer.engine import Engine, GenerationParams, safe_text_end
+from scalelab.infer.sample import SamplingParams, generate
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.tokenizer import CharTokenizer
+
+TOK = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz "))
+
+
+def make_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=TOK.vocab_size, block_size=48, depth=2, aspect_ratio=32, head_dim=16)
+    cfg.update(kw)
+    model = GPT(GPTConfig(**cfg))
+    # large random weights: peaked logits, so greedy choices are not decided by last-bit rounding
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+PROMPTS = [TOK.encode(t, add_bos=True) for t in ("hello", "a much longer prompt than the others", "x", "the cat sat", "q")]
+
+
+def greedy_full_recompute(model, prompt, n):
+    seq, logps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1]
+            tok = int(logits.argmax())
+            logps.append(float(logits.log_softmax(-1)[tok]))
+            seq.append(tok)
+    return seq[len(prompt):], logps
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1, "mlp": "swiglu"}])
+def test_batched_greedy_equals_alone_and_full_recompute(kw):
+    model = make_model(**kw)
+    params = GenerationParams(max_new_tokens=12, temperature=0.0, logprobs=True)
+    # max_batch 3 < 5 prompts: later prompts join as earlier ones finish
+    batched = Engine(model, TOK, max_batch=3).generate(PROMPTS, params)
+    alone = Engine(model, TOK, max_batch=1)
+    for prompt, out in zip(PROMPTS, batched):
+        solo = alone.generate([prompt], params)[0]
+        ref_tokens, ref_logps = greedy_full_recompute(model, prompt, min(12, 48 - len(prompt)))
+        assert out.tokens == solo.tokens == ref_tokens
+        assert out.logprobs == pytest.approx(ref_logps, abs=1e-4)
+        assert out.finish_reason == "length" and out.text == TOK.decode(out.tokens)
+
+
+def test_context_limit_ends_with_length():
+    model = make_model()
+    prompt = PROMPTS[1]  # 37 tokens in a context of 48
+    out = Engine(model, TOK, max_batch=2).generate([prompt, PROMPTS[0]], GenerationParams(max_new_tokens=40, temperature=0))
+    assert len(out[0].tokens) == 48 - len(prompt) and out[0].finish_reason == "length"
+    assert out[0].tokens == greedy_full_recompute(model, prompt, 48 - len(prompt))[0]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
+    model = make_model()
+    p = GenerationParams(max_new_tokens=15, temperature=1.0, top_k=10, top_p=0.9, seed=11, n=3)
+    eng = Engine(model, TOK, max_batch=8)
+    a = eng.generate([PROMPTS[0]], p)
+    b = eng.generate([PROMPTS[2], PROMPTS[0]], p)[3:]  # same prompt, now sharing the batch with another
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert len({tuple(c.tokens) for c in a}) > 1  # the n samples differ
+    # sample 0 keeps the request seed: it matches the single-prompt sampler draw for draw
+    ref = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=15, temperature=1.0, top_k=10, top_p=0.9, seed=11))
+    assert a[0].tokens == ref[0]
+    other = eng.generate([PROMPTS[0]], GenerationParams(**{**p.__dict__, "seed": 12}))
+    assert [c.tokens for c in other] != [c.tokens for c in a]
+
+
+def test_stop_strings_and_tokens_cut_exactly():
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=4)
+    full = eng.generate([PROMPTS[3]], GenerationParams(max_new_tokens=20, temperature=0))[0]
+    text = full.text
+    stop = text[6:8]
+    want = text[: text.index(stop)]
+    params = GenerationParams(max_new_tokens=20, temperature=0, stop_strings=(stop, "never"))
+    out = eng.generate([PROMPTS[3]], params)[0]
+    assert out.text == want and out.finish_reason == "stop"
+    streamed = list(eng.stream(PROMPTS[3], params))
+    assert "".join(e.text for e in streamed) == want
+    assert [e.finish_reason for e in streamed].count("stop") == 1 and streamed[-1].finish_reason == "stop"
+    stop_id = full.tokens[4]
+    out = eng.generate([PROMPTS[3]], GenerationParams(max_new_tokens=20, temperature=0, stop_token_ids=(stop_id,)))[0]
+    assert out.tokens == full.tokens[: full.tokens.index(stop_id)] and out.finish_reason == "stop"
+
+
+def test_safe_text_end_holds_back_a_possible_stop_string():
+    assert safe_text_end("hello wor", ["world"]) == 6
+    assert safe_text_end("hello", ["xyz"]) == 5
+    assert safe_text_end("ab\ufffd", []) == 2
+
+
+def test_continuous_batching_gives_each_request_its_solo_tokens():
+    model = make_model()
+    greedy = GenerationParams(max_new_tokens=10, temperature=0)
+    sampled = GenerationParams(max_new_tokens=10, temperature=0.8, seed=5)
+    alone = Engine(model, TOK, max_batch=1)
+    solo = {i: alone.generate([p], greedy if i % 2 else sampled)[0].tokens for i, p in enumerate(PROMPTS)}
+
+    eng = Engine(model, TOK, max_batch=3)
+    reqs, widths = {}, []
+    for i, p in enumerate(PROMPTS):  # a new request every two steps: they join a batch mid-flight
+        reqs[i] = eng.submit(p, greedy if i % 2 else sampled)
+        eng.step()
+        widths.append(eng.num_running)
+        eng.step()
+    while not all(r.done for r in reqs.values()):
+        eng.step()
+    assert max(widths) > 1
+    for i, r in reqs.items():
+        assert r.wait()[0].tokens == solo[i]
+
+
+def test_background_thread_serves_concurrent_callers():
+    model = make_model()
+    params = GenerationParams(max_new_tokens=10, temperature=0)
+    want = [Engine(model, TOK, max_batch=1).generate([p], params)[0].tokens for p in PROMPTS]
+    eng = Engine(model, TOK, max_batch=4).start()
+    got = [None] * len(PROMPTS)
+
+    def run(i):
+        got[i] = [e.token for e in eng.stream(PROMPTS[i], params) if e.token is not None]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    eng.stop()
+    assert got == want
+
+
+def test_streaming_events_add_up_and_cancel_frees_the_slot():
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=1)
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+    events = list(eng.stream(PROMPTS[0], params))
+    final = eng.generate([PROMPTS[0]], params)[0]
+    assert [e.token for e in events] == final.tokens
+    assert "".join(e.text for e in events) == final.text
+    assert [e.finish_reason for e in events] == [None] * 7 + ["length"]
+    it = eng.stream(PROMPTS[0], params)
+    next(it)
+    it.close()  # a client that goes away
+    eng.step()
+    assert eng.num_running == 0
+    assert eng.generate([PROMPTS[1]], params)[0].finish_reason == "length"  # the one slot is free again
+
+
+def test_prompt_over_the_context_is_an_error_unless_truncation_is_asked_for():
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=2)
+    long = TOK.encode("abcdefghij" * 6, add_bos=True)  # 61 tokens, context 48
+    with pytest.raises(ScalelabError, match="longer than the model's context of 48"):
+        eng.generate([long], GenerationParams(max_new_tokens=4))
+    with pytest.raises(ScalelabError, match="empty prompt"):
+        eng.generate([[]], GenerationParams())
+    out = eng.generate([long], GenerationParams(max_new_tokens=4, temperature=0, truncate_prompt=True))[0]
+    assert out.prompt_tokens == 44
+    assert out.tokens == eng.generate([long[-44:]], GenerationParams(max_new_tokens=4, temperature=0))[0].tokens
+    assert eng.generate([PROMPTS[0]], GenerationParams(max_new_tokens=0))[0].tokens == []
