@@ -1,0 +1,1 @@
+"""Post-training: instruction tuning (SFT), reward models, PPO and DPO (see docs/posttrain.md)."""
