@@ -14,9 +14,13 @@ Special tokens come only from ``token_id``: a message containing the text
 
 from __future__ import annotations
 
+import re
+
 from scalelab.errors import ScalelabError
 
 ROLES = ("system", "user", "assistant")
+TOOL_MARKERS = ("<|tool_call_start|>", "<|tool_call_end|>", "<|tool_output_start|>", "<|tool_output_end|>")
+_TOOL_MARKER_RE = re.compile("|".join(re.escape(m) for m in TOOL_MARKERS))
 
 
 def chat_stop_ids(tokenizer) -> tuple[int, ...]:
@@ -24,11 +28,27 @@ def chat_stop_ids(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer.token_id(s) for s in ("<|assistant_end|>", "<|user_start|>", "<|bos|>"))
 
 
-def render_chat(tokenizer, messages: list[dict], preamble: str = "", add_generation_prompt: bool = True) -> list[int]:
+def _encode_tool_markers(tokenizer, text: str) -> list[int]:
+    ids, at = [], 0
+    for m in _TOOL_MARKER_RE.finditer(text):
+        ids.extend(tokenizer.encode(text[at : m.start()]))
+        ids.append(tokenizer.token_id(m.group()))
+        at = m.end()
+    return ids + tokenizer.encode(text[at:])
+
+
+def render_chat(tokenizer, messages: list[dict], preamble: str = "", add_generation_prompt: bool = True,
+                tool_markers: bool = False) -> list[int]:
     """Token ids of ``messages`` ([{"role": ..., "content": str}, ...]) in the chat template.
 
     With ``add_generation_prompt`` the ids end with ``<|assistant_start|>``, ready for the reply;
     without it (SFT data) they end after the last turn.
+
+    With ``tool_markers``, the tool-call and tool-output markers written in an *assistant*
+    message become their special ids again. The server shows a reply's tool calls as those
+    markers, so a client sending the conversation back gives the model the tokens it wrote.
+    Turn markers never convert, and user and system text never does: the caller controls the
+    assistant's past turns anyway, so nothing it could not already write becomes possible.
     """
     if not messages:
         raise ScalelabError("a chat needs at least one message")
@@ -53,7 +73,8 @@ def render_chat(tokenizer, messages: list[dict], preamble: str = "", add_generat
     ids = [tokenizer.bos_id]
     for role, content in turns:
         ids.append(tokenizer.token_id(f"<|{role}_start|>"))
-        ids.extend(tokenizer.encode(content))
+        ids.extend(_encode_tool_markers(tokenizer, content) if tool_markers and role == "assistant"
+                   else tokenizer.encode(content))
         ids.append(tokenizer.token_id(f"<|{role}_end|>"))
     if add_generation_prompt:
         ids.append(tokenizer.token_id("<|assistant_start|>"))

@@ -229,10 +229,7 @@ def run_with_tools(
     model can see them; after ``max_tool_calls`` calls the run ends with ``tool_limit``.
     """
     handler = handler or handle_tool_call
-    call_start = tokenizer.token_id(TOOL_CALL_START)
     call_end = tokenizer.token_id(TOOL_CALL_END)
-    out_start = tokenizer.token_id(TOOL_OUTPUT_START)
-    out_end = tokenizer.token_id(TOOL_OUTPUT_END)
     base_stops = tuple(t for t in getattr(params, "stop_token_ids", ()) if t != call_end)
     budget = params.max_new_tokens
     context = list(prompt_tokens)
@@ -253,22 +250,46 @@ def run_with_tools(
         if not new or new[-1] != call_end:
             run.finish_reason = "length" if len(new) >= room else "stop"
             return run
-        # The call is what follows the last <|tool_call_start|> (which may end the prompt, to force a
-        # call); one that belongs to an earlier, answered call does not count.
-        last_start = _last_index(context[:-1], call_start)
-        body = context[last_start + 1 : -1] if last_start > _last_index(context[:-1], out_end) else new[:-1]
-        request = tokenizer.decode(body, skip_special=True)
+        request = tool_call_request(context, len(new), tokenizer)
         if len(run.calls) >= max_tool_calls:
             run.finish_reason = "tool_limit"
             return run
-        try:
-            output, ok = handler(request), True
-        except ScalelabError as e:  # ToolError, or any refusal a custom handler raises
-            output, ok = f"error: {e}", False
-        run.calls.append(ToolCall(request=request, output=output, ok=ok))
-        feedback = [out_start] + _encode_lenient(tokenizer, output) + [out_end]
+        call = call_tool(handler, request)
+        run.calls.append(call)
+        feedback = tool_output_tokens(tokenizer, call.output)
         run.tokens.extend(feedback)
         context.extend(feedback)
+
+
+def tool_call_request(context: list[int], new_tokens: int, tokenizer) -> str:
+    """The text of the call that ``context`` ends with (its last token is ``<|tool_call_end|>``).
+
+    The call is what follows the last ``<|tool_call_start|>``, which may end the prompt, to force
+    a call; a start that belongs to an earlier, answered call does not count, and then the call is
+    the last ``new_tokens`` tokens (what the model just wrote).
+    """
+    call_start = tokenizer.token_id(TOOL_CALL_START)
+    out_end = tokenizer.token_id(TOOL_OUTPUT_END)
+    last_start = _last_index(context[:-1], call_start)
+    if last_start > _last_index(context[:-1], out_end):
+        body = context[last_start + 1 : -1]
+    else:
+        body = context[len(context) - new_tokens : -1]
+    return tokenizer.decode(body, skip_special=True)
+
+
+def tool_output_tokens(tokenizer, output: str) -> list[int]:
+    """``<|tool_output_start|>OUTPUT<|tool_output_end|>``: what is fed back after a call."""
+    return ([tokenizer.token_id(TOOL_OUTPUT_START)] + _encode_lenient(tokenizer, output)
+            + [tokenizer.token_id(TOOL_OUTPUT_END)])
+
+
+def call_tool(handler: Callable[[str], str], request: str) -> ToolCall:
+    """Run one call; a refusal becomes ``error: <reason>`` so the model can read what went wrong."""
+    try:
+        return ToolCall(request=request, output=handler(request), ok=True)
+    except ScalelabError as e:  # ToolError, or any refusal a custom handler raises
+        return ToolCall(request=request, output=f"error: {e}", ok=False)
 
 
 def _last_index(seq: list[int], value: int) -> int:

@@ -18,6 +18,10 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (default 1: decoding a few rows is latency-bound, and extra "
                         "threads mostly spin, badly so on a shared machine)")
+    p.add_argument("--no-tools", action="store_true",
+                   help="do not run tool calls (calculator, bio memory) inside chat and completion requests")
+    p.add_argument("--max-tool-calls", type=int, default=None,
+                   help="tool calls per choice before the reply ends with finish_reason 'tool_limit' (default 4)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 1 MiB)")
     return {"serve": _cmd_serve}
 
@@ -26,16 +30,21 @@ def _cmd_serve(args) -> None:
     import uvicorn
 
     from scalelab.errors import ScalelabError
-    from scalelab.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+    from scalelab.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOOL_CALLS, create_app
 
     if args.max_batch < 1 or args.threads < 1:
         raise ScalelabError("--max-batch and --threads must be at least 1")
+    max_tool_calls = DEFAULT_MAX_TOOL_CALLS if args.max_tool_calls is None else args.max_tool_calls
+    if max_tool_calls < 0:
+        raise ScalelabError("--max-tool-calls must be at least 0")
     import torch
 
     torch.set_num_threads(args.threads)
     app = create_app(args.run_dir, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, memory=args.memory)
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, memory=args.memory,
+                     tools=not args.no_tools, max_tool_calls=max_tool_calls)
     engine = app.state.engine
-    print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}) "
+    print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
+          f"tools {'off' if args.no_tools else 'on'}) "
           f"at http://{args.host}:{args.port}/ {'with' if args.api_key else 'without'} an API key", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
