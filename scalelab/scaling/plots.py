@@ -10,6 +10,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter  # noqa: E402
 
 from scalelab.scaling.fit import ChinchillaFit, IsoFLOPFit, PowerLawFit, _numeric, as_columns  # noqa: E402
 
@@ -17,6 +18,13 @@ _RUNS, _FIT, _MARK = 2, 3, 4  # z-orders: data under fitted curves under highlig
 
 
 def _save(fig, out) -> Path:
+    # A log x axis spanning a decade or so labels every minor tick by default, and the wide "3×10^5"
+    # labels collide: label 1, 2 and 5 times each power of ten instead.
+    for ax in fig.axes:
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
