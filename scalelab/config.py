@@ -109,6 +109,7 @@ class ScalingConfig:
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # model sizes, by the depth dial
     tokens: list[int] = field(default_factory=lambda: [250_000, 500_000, 1_000_000])  # grid: tokens per run
     budgets: list[float] = field(default_factory=list)  # isoflop: training FLOPs per run
+    max_run_flops: float = 0.0  # grid: skip (depth, tokens) points whose training FLOPs exceed this (0: none)
     count_embeddings: bool = False  # N includes embedding parameters (Kaplan excludes them)
     n_bootstrap: int = 200
     fit_max_flops: float = 0.0  # predict: fit only on runs with C <= this (0: all but the target)

@@ -47,7 +47,18 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
     assert small[0].tokens > small[-1].tokens  # bigger models get fewer tokens at equal compute
 
 
+def test_triangle_grid_skips_the_costly_corner(tmp_path):
+    cfg = sweep_cfg(tmp_path, "scaling.depths=[1, 2, 3]", "scaling.tokens=[512, 1024, 2048]")
+    full = sweep.plan_runs(cfg, vocab_size=300)
+    cost = {s.name: sweep._model_for(cfg, s.depth, 300).flops_per_token() * s.tokens for s in full}
+    cap = sorted(cost.values())[-3]  # keep all but the two most expensive points
+    cfg.scaling.max_run_flops = cap
+    kept = {s.name for s in sweep.plan_runs(cfg, vocab_size=300)}
+    assert kept == {n for n, c in cost.items() if c <= cap} and "d1_t2048" in kept and "d3_t2048" not in kept
+
+
 @pytest.mark.parametrize("extra, message", [
+    (("scaling.max_run_flops=1.0",), "max_run_flops"),
     (("scaling.depths=[2, 2]",), "at least 2 distinct depths"),
     (("scaling.tokens=[512]",), "2 distinct token budgets"),
     (("scaling.design=isoflop", "scaling.budgets=[1e9]"), "at least 2 budgets"),

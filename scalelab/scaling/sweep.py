@@ -53,6 +53,11 @@ def _tokens_per_step(cfg: Config) -> int:
     return cfg.train.batch_size * cfg.model.block_size
 
 
+def _rounded_tokens(cfg: Config, tokens: int) -> int:
+    """The tokens a run of this budget really trains on: whole optimizer steps."""
+    return max(1, round(tokens / _tokens_per_step(cfg))) * _tokens_per_step(cfg)
+
+
 def plan_runs(cfg: Config, vocab_size: int) -> list[RunSpec]:
     s = cfg.scaling
     if not s.depths:
@@ -63,7 +68,18 @@ def plan_runs(cfg: Config, vocab_size: int) -> list[RunSpec]:
                 "degenerate sweep: a grid needs at least 2 distinct depths and 2 distinct token budgets "
                 f"to separate the N and D terms (got depths {s.depths}, tokens {s.tokens})"
             )
-        return [RunSpec(f"d{d}_t{t}", d, int(t)) for d in s.depths for t in s.tokens]
+        specs = [RunSpec(f"d{d}_t{t}", d, int(t)) for d in s.depths for t in s.tokens]
+        if s.max_run_flops > 0:
+            # A "triangle" grid: small models still get the long token budgets, which show the fit how
+            # loss behaves when N, not D, is the bottleneck, while big models skip the costly corner.
+            fpt = {d: _model_for(cfg, d, vocab_size).flops_per_token() for d in set(s.depths)}
+            specs = [r for r in specs if fpt[r.depth] * _rounded_tokens(cfg, r.tokens) <= s.max_run_flops]
+            if len({r.depth for r in specs}) < 2 or len({r.tokens for r in specs}) < 2:
+                raise ScalelabError(
+                    f"degenerate sweep: scaling.max_run_flops = {s.max_run_flops:g} leaves fewer than 2 depths or "
+                    "2 token budgets"
+                )
+        return specs
     if len(set(s.budgets)) < 2:
         raise ScalelabError(f"degenerate sweep: an IsoFLOP design needs at least 2 budgets (got {s.budgets})")
     specs = []
