@@ -8,11 +8,15 @@ transformers. Both then decode greedily from the same prompts:
 - decode tokens/s: ``batch * (N - 1) / (time for N tokens - time for 1 token)``, i.e. the
   steady-state decode rate with the prefill taken out.
 
-At batch 1 we time both our paths: the one-prompt sampler (scalelab.infer.sample.generate) and
-the batched engine (scalelab.infer.engine.Engine); at batch 16, the engine against HF with 16
-different prompts of the same length (so HF needs no padding). A last, serving-like case gives
-16 requests of different prompt and answer lengths to both. Each time is the best of
-``--repeats`` round-robin runs after a warm-up. Results are appended to bench/results/generate.md.
+At batch 1 we time our paths: the one-prompt sampler (scalelab.infer.sample.generate) and the
+batched engine (scalelab.infer.engine.Engine), eager and with ``compile=True`` (a torch.compile'd
+static-shape decode step); at batch 16, the engine against HF with 16 different prompts of the
+same length (so HF needs no padding). HF runs twice: its default ``generate`` (dynamic cache, eager)
+and its fastest setting we found on CPU, a static cache with its own torch.compile of the decode
+step (``--no-hf-compile`` skips it). The warm-up absorbs every compile. "vs HF" compares with HF's
+default, "vs best HF" with the faster of its two rows. A last, serving-like case gives 16 requests
+of different prompt and answer lengths to both. Each time is the best of ``--repeats`` round-robin
+runs after a warm-up. Results are appended to bench/results/generate.md.
 
     python bench/generate.py [--depth 6] [--n-embd 384] [--new-tokens 64] [--prompt-len 64]
 """
@@ -32,6 +36,7 @@ from scalelab.infer.sample import SamplingParams, generate
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import build_tokenizer
 
+HF_COMPILED = "HF generate, static cache + torch.compile"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -61,6 +66,10 @@ def best_times(fns: dict, repeats: int) -> dict:
     return best
 
 
+def yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
 def rates(t1: float, tn: float, batch: int, new_tokens: int) -> dict:
     return {"ttft_ms": 1000 * t1, "decode_tok_s": batch * (new_tokens - 1) / max(tn - t1, 1e-9),
             "total_tok_s": batch * new_tokens / tn}
@@ -81,11 +90,13 @@ def main() -> None:
                     help="torch intra-op threads (1: on a shared 2-core machine more threads thrash, for both sides)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides run in this dtype")
     ap.add_argument("--qk-norm", action="store_true", help="export as Qwen3 instead of Llama")
+    ap.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile rows")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "generate.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     import transformers
+    from transformers import CompileConfig
     from scalelab.infer.engine import Engine, GenerationParams
 
     docs = corpus()
@@ -115,22 +126,34 @@ def main() -> None:
 
     engines = {}
 
-    def ours_engine(batch):
-        engine = engines.setdefault(batch, Engine(model, tok, max_batch=batch))
+    def get_engine(batch, compile=False):
+        if (batch, compile) not in engines:
+            engines[batch, compile] = Engine(model, tok, max_batch=batch, compile=compile)
+        return engines[batch, compile]
+
+    def ours_engine(batch, compile=False):
+        engine = get_engine(batch, compile)
 
         def run(n):
-            return engine.generate(prompts[:batch], GenerationParams(**{**greedy.__dict__, "max_new_tokens": n}))
+            out = engine.generate(prompts[:batch], GenerationParams(**{**greedy.__dict__, "max_new_tokens": n}))
+            assert engine.compiled == compile  # a compiled engine that fell back to eager would mislabel its row
+            return out
 
         return run
 
-    def theirs(batch):
+    # HF compiles only with a static cache, and only on GPUs unless told to; "reduce-overhead" is CUDA graphs
+    hf_compile = CompileConfig(mode="default")
+    hf_compile._compile_all_devices = True
+
+    def theirs(batch, compiled=False):
         ids = torch.tensor(prompts[:batch])
         mask = torch.ones_like(ids)
+        extra = {"cache_implementation": "static", "compile_config": hf_compile} if compiled else {}
 
         def run(n):
             with torch.inference_mode():
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=tok.bos_id)
+                                  pad_token_id=tok.bos_id, **extra)
             assert out.shape[1] == ids.shape[1] + n
             return out
 
@@ -140,12 +163,17 @@ def main() -> None:
     n_check = 32
     mine = ours_sampler(n_check)[0]
     engine_out = ours_engine(max_batch)(n_check)
+    compiled_out = ours_engine(max_batch, compile=True)(n_check)
     hf_out = theirs(max_batch)(n_check)[:, args.prompt_len:].tolist()
     agree_b1 = mine == hf_out[0]
     agree_bn = [c.tokens for c in engine_out] == hf_out
+    agree_compiled = [c.tokens for c in compiled_out] == hf_out
+    agree_hf_compiled = None
+    if not args.no_hf_compile:
+        agree_hf_compiled = theirs(max_batch, compiled=True)(n_check)[:, args.prompt_len:].tolist() == hf_out
 
-    def mixed_ours():
-        engine = engines.setdefault(max_batch, Engine(model, tok, max_batch=max_batch))
+    def mixed_ours(compile=False):
+        engine = get_engine(max_batch, compile)
         reqs = [engine.submit(mixed_prompts[i], GenerationParams(**{**greedy.__dict__, "max_new_tokens": n}))
                 for i, n in enumerate(mixed_new)]
         while not all(r.done for r in reqs):
@@ -174,19 +202,24 @@ def main() -> None:
     N = args.new_tokens
     for batch in (int(b) for b in args.batches.split(",")):
         paths = {"HF transformers generate": theirs(batch)}
+        if not args.no_hf_compile:
+            paths[HF_COMPILED] = theirs(batch, compiled=True)
         if batch == 1:
             paths["scalelab sample.generate"] = ours_sampler
         paths["scalelab Engine"] = ours_engine(batch)
+        paths["scalelab Engine, compile=True"] = ours_engine(batch, compile=True)
         fns = {(name, n): (lambda run=run, n=n: run(n)) for name, run in paths.items() for n in (1, N)}
         t = best_times(fns, args.repeats)
-        ref = rates(t["HF transformers generate", 1], t["HF transformers generate", N], batch, N)
+        r = {name: rates(t[name, 1], t[name, N], batch, N) for name in paths}
+        ref = r["HF transformers generate"]["decode_tok_s"]
+        best_hf = max(v["decode_tok_s"] for name, v in r.items() if name.startswith("HF"))
         for name in paths:
-            r = rates(t[name, 1], t[name, N], batch, N)
-            rows.append((name, batch, r, None if name.startswith("HF") else ref))
+            rows.append((name, batch, r[name], ref, best_hf))
 
     useful = sum(mixed_new)
-    t = best_times({"theirs": mixed_theirs, "ours": mixed_ours}, args.repeats)
-    t_theirs, t_ours = t["theirs"], t["ours"]
+    t = best_times({"theirs": mixed_theirs, "ours": mixed_ours, "ours compiled": lambda: mixed_ours(True)},
+                   args.repeats)
+    t_theirs, t_ours, t_compiled = t["theirs"], t["ours"], t["ours compiled"]
 
     c = model.config
     lines = [
@@ -195,16 +228,17 @@ def main() -> None:
         f"{type(hf).__name__} (transformers {transformers.__version__}, torch {torch.__version__})",
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no stop tokens; "
         f"best of {args.repeats} round-robin runs after a warm-up; torch threads {torch.get_num_threads()}",
-        f"same greedy tokens as HF ({n_check} new): batch 1 {'yes' if agree_b1 else 'NO'}, "
-        f"batch {max_batch} {'yes' if agree_bn else 'NO'}",
+        f"same greedy tokens as HF ({n_check} new): batch 1 {yes(agree_b1)}, batch {max_batch} {yes(agree_bn)}, "
+        f"batch {max_batch} compiled engine {yes(agree_compiled)}"
+        + ("" if agree_hf_compiled is None else f", HF static cache + compile {yes(agree_hf_compiled)}"),
         "the CPU is shared with other jobs, so single numbers are noisy; compare rows of one run",
         "",
-        "| path | batch | time to first token (ms) | decode tokens/s | total tokens/s | decode vs HF |",
-        "|---|---|---|---|---|---|",
+        "| path | batch | time to first token (ms) | decode tokens/s | total tokens/s | decode vs HF | vs best HF |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, batch, r, ref in rows:
-        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×" if ref else "1.00×"
-        lines.append(f"| {name} | {batch} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f} | {r['total_tok_s']:.0f} | {ratio} |")
+    for name, batch, r, ref, best_hf in rows:
+        lines.append(f"| {name} | {batch} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f} | {r['total_tok_s']:.0f} "
+                     f"| {r['decode_tok_s'] / ref:.2f}× | {r['decode_tok_s'] / best_hf:.2f}× |")
     lines += [
         "",
         f"mixed batch of {max_batch} requests: prompts of {min(mixed_lens)}-{max(mixed_lens)} tokens, "
@@ -216,6 +250,8 @@ def main() -> None:
         "|---|---|---|---|",
         f"| HF transformers generate | {t_theirs:.2f} | {useful / t_theirs:.0f} | 1.00× |",
         f"| scalelab Engine | {t_ours:.2f} | {useful / t_ours:.0f} | {t_theirs / t_ours:.2f}× |",
+        f"| scalelab Engine, compile=True | {t_compiled:.2f} | {useful / t_compiled:.0f} "
+        f"| {t_theirs / t_compiled:.2f}× |",
     ]
     print("\n".join(lines))
     append_results(args.results, lines[:4])

@@ -171,3 +171,42 @@ def test_prompt_over_the_context_is_an_error_unless_truncation_is_asked_for():
     assert out.prompt_tokens == 44
     assert out.tokens == eng.generate([long[-44:]], GenerationParams(max_new_tokens=4, temperature=0))[0].tokens
     assert eng.generate([PROMPTS[0]], GenerationParams(max_new_tokens=0))[0].tokens == []
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1, "mlp": "swiglu"}])
+def test_compiled_decode_gives_the_eager_tokens(kw):
+    model = make_model(**kw)
+    greedy = GenerationParams(max_new_tokens=10, temperature=0, logprobs=True)
+    sampled = GenerationParams(max_new_tokens=10, temperature=0.8, top_k=8, seed=5, n=2, logprobs=True)
+
+    def run(engine):  # requests join mid-flight, so steps run with free slots and rows of different lengths
+        reqs = []
+        for i, p in enumerate(PROMPTS):
+            reqs.append(engine.submit(p, greedy if i % 2 else sampled))
+            engine.step()
+        while not all(r.done for r in reqs):
+            engine.step()
+        return [c for r in reqs for c in r.wait()]
+
+    eager = run(Engine(model, TOK, max_batch=4))
+    engine = Engine(model, TOK, max_batch=4, compile=True)
+    compiled = run(engine)
+    assert engine.compiled  # still compiled: it did not fall back to eager
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    for a, b in zip(compiled, eager):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_compiled_decode_falls_back_to_eager_when_compiling_fails():
+    model = make_model()
+    params = GenerationParams(max_new_tokens=6, temperature=0)
+    want = Engine(model, TOK, max_batch=2).generate(PROMPTS[:2], params)
+    engine = Engine(model, TOK, max_batch=2, compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    engine._compiled = broken
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got = engine.generate(PROMPTS[:2], params)
+    assert not engine.compiled and [c.tokens for c in got] == [c.tokens for c in want]

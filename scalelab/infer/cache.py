@@ -8,6 +8,10 @@ keys (an attention mask hides the rest of the padded key range).
 
 A forward pass works on a subset of the slots, chosen before the call with
 :meth:`SlotKVCache.begin_prefill` or :meth:`SlotKVCache.begin_decode`.
+
+:class:`StaticDecode` is the same protocol for a decode step over every slot at
+once, built from tensors only, so the step's shapes stay the same from step to
+step (but for the key span) and it can be compiled (the engine's ``compile=True`` path).
 """
 
 from __future__ import annotations
@@ -97,3 +101,35 @@ class SlotKVCache:
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    def advance_slots(self, slots: list[int]) -> None:
+        """Count one more token in each slot: a :class:`StaticDecode` step does not touch the lengths."""
+        for s in slots:
+            self.lengths[s] += 1
+
+
+class StaticDecode:
+    """One decode step over all slots: row b's new token sits at ``pos[b]``; ``keys`` is ``arange(span)``.
+
+    The span comes in as a tensor's length rather than an int, so a compiler can
+    treat it as one symbolic size instead of compiling a graph per span. Free slots
+    decode a dummy token at their own length (0), which the next prefill overwrites.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: torch.Tensor, keys: torch.Tensor):
+        span = keys.shape[0]
+        self.k, self.v, self.pos, self.span = k, v, pos, span
+        self.rows = torch.arange(pos.shape[0], device=pos.device)
+        self.mask = (keys[None, :] <= pos[:, None]).view(pos.shape[0], 1, 1, span)
+
+    def positions(self, T: int):
+        return self.pos.view(-1, 1), self.span
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.k[layer], self.v[layer]
+        kc[self.rows, :, self.pos] = k[:, :, 0]
+        vc[self.rows, :, self.pos] = v[:, :, 0]
+        return kc[:, :, : self.span], vc[:, :, : self.span], self.mask
+
+    def advance(self, T: int) -> None:
+        pass  # the engine advances the slots that were really decoding

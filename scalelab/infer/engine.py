@@ -16,6 +16,12 @@ Design
   seed, so its tokens do not depend on which requests share the batch.
 - ``start()`` runs the scheduler on a background thread for the server;
   without it, ``generate`` and ``stream`` drive the steps in the calling thread.
+- ``compile=True`` decodes every slot every step (free ones on a dummy token), so
+  the step's shapes are fixed but for the key span, which is one symbolic size:
+  ``torch.compile`` (with weight freezing, i.e. prepacked matmul weights) compiles
+  it once, on the first decode step (seconds). The prefill stays eager. The weights
+  are baked in at compile time: use it to serve a fixed checkpoint, not a model
+  that is still training.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import queue
 import threading
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -33,7 +40,7 @@ from typing import Callable, Iterator
 import torch
 
 from scalelab.errors import ScalelabError
-from scalelab.infer.cache import SlotKVCache
+from scalelab.infer.cache import SlotKVCache, StaticDecode
 from scalelab.infer.sample import SamplingParams, cut_at_stop, filter_logits
 
 
@@ -143,8 +150,27 @@ class _Seq:
     sent: int = 0  # characters of text already streamed
 
 
+# freezing: weights become constants, so linear layers use prepacked weights. (cpp.enable_concat_linear,
+# which merges q/k/v and gate/up into wider matmuls, showed no gain we could measure on a shared CPU.)
+_INDUCTOR_OPTIONS = {"freezing": True}
+
+
+class _DecodeAllSlots(torch.nn.Module):
+    """What torch.compile sees: every shape is fixed by max_batch, but the key span.
+
+    A module (not a function taking the model) so that freezing sees the weights as parameters.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, k, v, idx, pos, keys) -> torch.Tensor:
+        return self.model(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
+
+
 class Engine:
-    def __init__(self, model, tokenizer, device=None, max_batch: int = 8):
+    def __init__(self, model, tokenizer, device=None, max_batch: int = 8, compile: bool = False):
         if max_batch < 1:
             raise ScalelabError("max_batch must be at least 1")
         self.model = model.eval()
@@ -161,6 +187,17 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._compiled = None
+        if compile:
+            # isolated: other engines' graphs (other models, other max_batch) do not use up this one's limit
+            self._compiled = torch.compile(
+                _DecodeAllSlots(self.model), dynamic=False, fullgraph=True, recompile_limit=4, isolate_recompiles=True,
+            )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run the compiled static-shape path (it falls back to eager if compiling fails)."""
+        return self._compiled is not None
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -338,10 +375,34 @@ class Engine:
 
     def _decode(self, seqs: list[_Seq]) -> None:
         seqs = sorted(seqs, key=lambda s: s.slot)
-        self.cache.begin_decode([s.slot for s in seqs])
-        idx = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
-        logits = self.model(idx, cache=self.cache)[:, -1]
+        logits = self._decode_static(seqs) if self._compiled is not None else None
+        if logits is None:
+            self.cache.begin_decode([s.slot for s in seqs])
+            idx = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
+            logits = self.model(idx, cache=self.cache)[:, -1]
         self._sample_and_accept(seqs, logits)
+
+    def _decode_static(self, seqs: list[_Seq]) -> torch.Tensor | None:
+        slots = [s.slot for s in seqs]
+        tokens = [0] * self.max_batch
+        for s in seqs:
+            tokens[s.slot] = s.pending
+        # every slot writes its dummy or real key at its own length: past any real key, so harmless
+        lengths = self.cache.lengths
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
+        pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        keys = torch.arange(max(lengths) + 1, device=self.device)
+        torch._dynamo.mark_dynamic(keys, 0)  # one graph for every span, not one per span
+        try:
+            # read when the graph compiles; torch.compile(options=...) does not pass freezing on (torch 2.13)
+            with torch._inductor.config.patch(_INDUCTOR_OPTIONS):
+                logits = self._compiled(self.cache.k, self.cache.v, idx, pos, keys)
+        except Exception as e:  # no C++ compiler, an unsupported op...: decode eagerly from now on
+            warnings.warn(f"compiled decode failed, decoding eagerly instead: {type(e).__name__}: {e}")
+            self._compiled = None
+            return None
+        self.cache.advance_slots(slots)
+        return logits[torch.tensor(slots, device=logits.device)]
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()
