@@ -41,7 +41,7 @@ MEMORY_FILE = "memory.sqlite"
 DEFAULT_MAX_TOOL_CALLS = 4
 
 
-def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = None) -> Engine:
+def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = None, compile: bool = False) -> Engine:
     """An engine over a run folder's latest checkpoint and its tokenizer."""
     from scalelab.pipeline import load_run_config
     from scalelab.runtime import resolve_device
@@ -53,7 +53,8 @@ def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = No
         raise ScalelabError(f"run folder not found: {run}")
     cfg = load_run_config(run)
     dev = resolve_device(device or cfg.run.device)
-    return Engine(ckpt.load_model(run, dev), load_tokenizer(run / "tokenizer"), device=dev, max_batch=max_batch)
+    return Engine(ckpt.load_model(run, dev), load_tokenizer(run / "tokenizer"), device=dev, max_batch=max_batch,
+                  compile=compile)
 
 
 class _Guard:
@@ -93,6 +94,7 @@ def create_app(
     memory: MemoryStore | str | Path | None = None,
     tools: bool = True,
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
+    compile: bool = False,
 ) -> FastAPI:
     """The server app. A run folder is loaded here; its memories live in RUN_DIR/memory.sqlite unless
     ``memory`` names another store or file (an Engine without one gets an in-memory store).
@@ -105,7 +107,7 @@ def create_app(
         model_name = model_name or "scalelab"
         default_memory = ":memory:"
     else:
-        engine = load_engine(engine_or_run_dir, max_batch=max_batch)
+        engine = load_engine(engine_or_run_dir, max_batch=max_batch, compile=compile)
         model_name = model_name or Path(engine_or_run_dir).resolve().name
         default_memory = Path(engine_or_run_dir) / MEMORY_FILE
     own_store = not isinstance(memory, MemoryStore)

@@ -22,6 +22,8 @@ def register(sub, add_config_args) -> dict:
                    help="do not run tool calls (calculator, bio memory) inside chat and completion requests")
     p.add_argument("--max-tool-calls", type=int, default=None,
                    help="tool calls per choice before the reply ends with finish_reason 'tool_limit' (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (faster decoding; the first request waits for the compile)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 1 MiB)")
     return {"serve": _cmd_serve}
 
@@ -42,7 +44,7 @@ def _cmd_serve(args) -> None:
     torch.set_num_threads(args.threads)
     app = create_app(args.run_dir, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, memory=args.memory,
-                     tools=not args.no_tools, max_tool_calls=max_tool_calls)
+                     tools=not args.no_tools, max_tool_calls=max_tool_calls, compile=args.compile)
     engine = app.state.engine
     print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
           f"tools {'off' if args.no_tools else 'on'}) "
