@@ -211,7 +211,7 @@ COMMANDS = {
 
 
 STAGE_COMMAND_MODULES: list[str] = ["scalelab.infer.commands", "scalelab.serve.commands", "scalelab.parallel.commands",
-                                    "scalelab.posttrain.commands"]
+                                    "scalelab.posttrain.commands", "scalelab.experiments.commands"]
 
 
 def main(argv: list[str] | None = None) -> int:

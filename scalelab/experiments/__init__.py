@@ -1,0 +1,1 @@
+"""End-to-end studies built from the pretraining and post-training stages."""

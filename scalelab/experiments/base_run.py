@@ -1,0 +1,53 @@
+"""A pretrained base shared by every condition of a study, cached in the study's output folder.
+
+Pretraining is the slow part of a post-training study on CPU, and every condition must start from
+the same weights for the comparison to mean anything, so the base is trained once and reused while
+its recipe (the sections that shape it) is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from scalelab.config import Config
+from scalelab.errors import ScalelabError
+
+FINGERPRINT = "base_recipe.json"
+
+
+def _recipe(cfg: Config) -> dict:
+    recipe = {k: asdict(getattr(cfg, k)) for k in ("data", "tokenizer", "model", "train")} | {"seed": cfg.run.seed}
+    return json.loads(json.dumps(recipe, default=str))  # the form it has once read back from disk
+
+
+def ensure_base(cfg: Config, folder: str | Path, given: str = "") -> Path:
+    """The run to post-train from: ``given`` if set, else a cached pretraining run in ``folder``."""
+    from scalelab.train import checkpoint as ckpt
+
+    if given:
+        run = Path(given)
+        if ckpt.latest_checkpoint(run / "checkpoints") is None or not (run / "world.json").is_file():
+            raise ScalelabError(f"base run {run} has no checkpoint or no world.json; pretrain it on the world first")
+        return run
+    run = Path(folder)
+    stamp = run / FINGERPRINT
+    recipe = _recipe(cfg)
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe and ckpt.latest_checkpoint(run / "checkpoints"):
+        return run
+    if cfg.data.source != "world":
+        raise ScalelabError("post-training studies need the synthetic world: set data.source = 'world'")
+    if run.exists():
+        shutil.rmtree(run)
+    from scalelab.pipeline import pretrain
+
+    pretrain(replace(cfg, run=replace(cfg.run, out_dir=str(run), name="base")), overwrite=True, stages=())
+    stamp.write_text(json.dumps(recipe, indent=2) + "\n")
+    return run
+
+
+def stage_config(cfg: Config, out_dir: Path, **sections) -> Config:
+    """A copy of ``cfg`` writing to ``out_dir``, with some stage sections replaced (sft=..., rm=..., ...)."""
+    return replace(cfg, run=replace(cfg.run, out_dir=str(out_dir), name=Path(out_dir).name), **sections)

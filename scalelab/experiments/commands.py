@@ -1,0 +1,43 @@
+"""``scalelab experiments <name>``: end-to-end studies, each a module in this package.
+
+Each study registers one action name here; the handler imports its module lazily so
+building the CLI parser stays cheap. A study's own knobs live in its own TOML section
+(``[abstain]``, ...) and dataclass, split off by ``load_experiment_config`` so the shared
+``Config`` tree in scalelab/config.py does not grow a section per study.
+"""
+
+from __future__ import annotations
+
+ACTIONS: dict[str, tuple[str, str]] = {
+    # name: (module with run_cli(args), help)
+    "abstain": ("scalelab.experiments.abstain",
+                "abstention: known vs unknown people, SFT with/without 'I don't know', RL with an abstain reward"),
+    "flan": ("scalelab.experiments.flan",
+             "instruction tuning on 1, 2, 4, ... task families, scored on held-out families"),
+    "reward-hacking": ("scalelab.experiments.reward_hacking",
+                       "PPO against a length-biased reward model with/without KL; SFT vs PPO vs DPO by gold win rate"),
+}
+
+
+def register(sub, add_config_args) -> dict:
+    p = sub.add_parser("experiments", help="end-to-end studies: " + ", ".join(sorted(ACTIONS)))
+    p.add_argument("action", choices=sorted(ACTIONS), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(ACTIONS.items())))
+    add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="delete the experiment's output folder first")
+    return {"experiments": _run}
+
+
+def _run(args) -> None:
+    import importlib
+
+    importlib.import_module(ACTIONS[args.action][0]).run_cli(args)
+
+
+def load_experiment_config(path, overrides, section: str, cls):
+    """(Config, section dataclass) from one TOML file + ``--set`` overrides; ``[section]`` keys go to ``cls``."""
+    from scalelab.config import _build, apply_overrides, config_from_dict, read_toml
+
+    table = read_toml(path) if path else {}
+    apply_overrides(table, list(overrides or []))
+    own = table.pop(section, {})
+    return config_from_dict(table), _build(cls, own, section)
