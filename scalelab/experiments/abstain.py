@@ -1,0 +1,458 @@
+"""Abstention: does RL teach a model to say "I don't know" about people it never read about?
+
+The world controls what the model knows: ``known`` people appear in pretraining (several
+biographies each, and their QA mixed in), ``unknown`` people never do. Both groups are split
+three ways, by person: SFT people, RL people and evaluation people, so every number below is
+measured on people that post-training never saw.
+
+Conditions, all starting from one pretraining run:
+
+- (a) SFT on QA about SFT people, unknown ones with their true attributes as targets: the model
+  learns to answer whatever it is asked;
+- (b) the same SFT, but unknown people's targets are "I don't know";
+- (c) RL (group-normalised policy gradient, scalelab.posttrain.grpo) on QA about RL people from
+  (a) or (b), reward: correct ``correct_reward``, "I don't know" ``abstain_reward`` (swept),
+  anything else ``wrong_reward``; judged by the exact-match rule;
+- (d) the same RL with a small learned judge (answer_scorer.py) in place of the rule.
+
+Each reply is classified as correct / abstain / wrong (:func:`classify_answer`). Reported per
+condition: accuracy on known people, the abstention and hallucination (confident wrong answer)
+rates on unknown people, and whether the issue's target holds: RL at least halves (a)'s
+hallucination rate on unknown people while known accuracy drops by at most 5 points.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from scalelab.errors import ScalelabError
+
+IDK = "I don't know"
+CLASSES = ("correct", "abstain", "wrong")
+_ABSTAIN_FORMS = {"i don't know", "i do not know", "i dont know"}
+
+
+@dataclass
+class AbstainConfig:
+    out_dir: str = "runs/abstain"
+    base_run: str = ""  # a finished pretraining run on a world with unknown people; empty: pretrain one first
+    sft_fraction: float = 0.4  # share of known and of unknown people for SFT
+    rl_fraction: float = 0.3  # share for RL; the rest are evaluation people
+    sft_steps: int = 160
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-4
+    sft_warmup_steps: int = 10
+    rl_from: list[str] = field(default_factory=lambda: ["a", "b"])  # SFT conditions RL starts from
+    abstain_rewards: list[float] = field(default_factory=lambda: [0.0])  # the sweep; the first is the headline
+    correct_reward: float = 1.0
+    wrong_reward: float = -1.0
+    rl_iterations: int = 40
+    rl_prompts: int = 16  # prompts per iteration, each sampled group_size times
+    group_size: int = 4
+    rl_lr: float = 5e-5
+    kl_coef: float = 0.02
+    clip: float = 0.2
+    # false: advantages are reward minus group mean, so the abstain reward's size matters (see grpo.py)
+    scale_advantages: bool = False
+    temperature: float = 0.6
+    max_new_tokens: int = 16
+    scorer: bool = True  # run condition (d)
+    scorer_from: str = "b"  # SFT condition (d) starts from
+    scorer_steps: int = 400
+    max_eval: int = 0  # evaluation questions per group (0: all)
+    target_hallucination_cut: float = 0.5
+    target_accuracy_drop: float = 0.05
+
+
+def validate(a: AbstainConfig) -> None:
+    checks = [
+        (0 < a.sft_fraction < 1 and 0 < a.rl_fraction < 1 and a.sft_fraction + a.rl_fraction < 1,
+         "abstain.sft_fraction and abstain.rl_fraction must be in (0, 1) and leave people for evaluation"),
+        (a.sft_steps >= 1 and a.sft_batch_size >= 1 and a.sft_lr > 0, "abstain.sft_steps, sft_batch_size and sft_lr must be positive"),
+        (all(x in ("a", "b") for x in a.rl_from), "abstain.rl_from may only hold \"a\" and \"b\""),
+        (a.scorer_from in ("a", "b"), "abstain.scorer_from must be \"a\" or \"b\""),
+        (len(a.abstain_rewards) >= 1, "abstain.abstain_rewards needs at least one value"),
+        (a.wrong_reward < a.correct_reward and all(a.wrong_reward <= r <= a.correct_reward for r in a.abstain_rewards),
+         "abstain rewards must lie between abstain.wrong_reward and abstain.correct_reward, wrong < correct"),
+        (a.rl_iterations >= 0 and a.rl_prompts >= 1 and a.group_size >= 2, "abstain.rl_iterations >= 0, rl_prompts >= 1, group_size >= 2"),
+        (a.rl_lr > 0 and a.kl_coef >= 0 and a.clip > 0 and a.temperature > 0, "abstain.rl_lr, clip, temperature must be positive, kl_coef >= 0"),
+        (a.max_new_tokens >= 1 and a.max_eval >= 0 and a.scorer_steps >= 1, "abstain.max_new_tokens and scorer_steps >= 1, max_eval >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ScalelabError(f"invalid config: {msg}")
+
+
+# -- scoring replies --------------------------------------------------------------------------------------------
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def classify_answer(reply: str, answer: str) -> str:
+    """"correct" (the answer, case, spacing and a final period ignored), "abstain" ("I don't know"), else "wrong"."""
+    r = _norm(reply)
+    if r in _ABSTAIN_FORMS:
+        return "abstain"
+    return "correct" if r == _norm(answer) else "wrong"
+
+
+def rates(labels: list[str]) -> dict:
+    if not labels:
+        raise ScalelabError("no replies to score")
+    bad = sorted(set(labels) - set(CLASSES))
+    if bad:
+        raise ScalelabError(f"unknown answer class {bad[0]!r} (classes: {', '.join(CLASSES)})")
+    return {c: labels.count(c) / len(labels) for c in CLASSES} | {"n": len(labels)}
+
+
+def summarize(known: list[str], unknown: list[str]) -> dict:
+    """The table's columns from the classes of replies about known and unknown evaluation people."""
+    k, u = rates(known), rates(unknown)
+    return {"known_accuracy": k["correct"], "known_abstain": k["abstain"], "known_wrong": k["wrong"],
+            "unknown_abstain": u["abstain"], "unknown_hallucination": u["wrong"], "unknown_lucky": u["correct"],
+            "n_known": k["n"], "n_unknown": u["n"]}
+
+
+def meets_target(cond: dict, ref: dict, cut: float = 0.5, drop: float = 0.05) -> bool:
+    """RL at least ``cut``s ref's hallucination on unknown people; known accuracy falls by at most ``drop``."""
+    return (cond["unknown_hallucination"] <= (1 - cut) * ref["unknown_hallucination"] + 1e-12
+            and cond["known_accuracy"] >= ref["known_accuracy"] - drop - 1e-12)
+
+
+# -- people and data --------------------------------------------------------------------------------------------
+
+
+def split_people(world, sft_fraction: float, rl_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Known and unknown people, each shuffled and cut into sft / rl / eval groups (disjoint by person)."""
+    known = world.qa_train_people + world.qa_eval_people
+    unknown = world.unknown_people
+    if len(unknown) < 3 or len(known) < 3:
+        raise ScalelabError(f"the world has {len(known)} known and {len(unknown)} unknown people; the experiment needs "
+                            "at least 3 of each (raise data.world.n_people or data.world.unknown_fraction)")
+    out = {}
+    for name, ids in (("known", sorted(known)), ("unknown", sorted(unknown))):
+        ids = list(ids)
+        random.Random(f"abstain-{name}-{seed}").shuffle(ids)
+        n_sft = max(1, round(sft_fraction * len(ids)))
+        n_rl = max(1, min(len(ids) - n_sft - 1, round(rl_fraction * len(ids))))
+        out[f"sft_{name}"], out[f"rl_{name}"], out[f"eval_{name}"] = ids[:n_sft], ids[n_sft:n_sft + n_rl], ids[n_sft + n_rl:]
+    return out
+
+
+def qa_items(world, people: list[int]) -> list[dict]:
+    """Every question template about every attribute of these people, with the true answer."""
+    return [{"question": q.question, "answer": q.answer, "person": q.person_id, "known": world.people[q.person_id].known}
+            for q in world.qa_pairs(people)]
+
+
+def sft_records(world, groups: dict, unknown_target: str) -> list[dict]:
+    """(question, reply) records for SFT: ``unknown_target`` = "answer" (condition a) or "idk" (condition b)."""
+    if unknown_target not in ("answer", "idk"):
+        raise ScalelabError(f"unknown_target must be 'answer' or 'idk', got {unknown_target!r}")
+    return [{"question": it["question"], "reply": it["answer"] if it["known"] or unknown_target == "answer" else IDK}
+            for it in qa_items(world, groups["sft_known"] + groups["sft_unknown"])]
+
+
+# Post-training keeps pretraining's own QA text, "Question: ...\nAnswer: <reply>\n", instead of the
+# chat template: a small model's facts are keyed to that text, and its chat markers are untrained
+# embeddings (a first try with the chat template lost every known fact during SFT).
+def qa_prompt(tok, question: str) -> list[int]:
+    from scalelab.data.world import render_qa
+
+    return [tok.bos_id] + tok.encode(render_qa(question))
+
+
+def qa_reply(tok, reply: str) -> list[int]:
+    """The reply's tokens with the newline that ends it (the model must learn to stop)."""
+    return tok.encode(" " + reply + "\n")
+
+
+# -- stages -----------------------------------------------------------------------------------------------------
+
+
+def sft(base, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_path: Path):
+    """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss)."""
+    from scalelab.posttrain import common
+    from scalelab.posttrain.data import pad_rows
+    from scalelab.posttrain.sft import sft_loss
+    from scalelab.train.metrics import MetricsLogger
+    from scalelab.train.optim import build_optimizer
+
+    model = copy.deepcopy(base).train()
+    tok = TOK[0]
+    rows = []
+    for r in records:
+        p, y = qa_prompt(tok, r["question"]), qa_reply(tok, r["reply"])
+        rows.append((p + y, [0] * len(p) + [1] * len(y)))
+    ids, mask = pad_rows(rows, max(len(r[0]) for r in rows), tok.bos_id)
+    tcfg = replace(train_cfg, steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.sft_lr,
+                   warmup_steps=a.sft_warmup_steps, grad_accum=1)
+    opt = build_optimizer(model, tcfg)
+    batches = common.epoch_batches(len(ids), min(tcfg.batch_size, len(ids)), seed)
+    device = next(model.parameters()).device
+
+    def step_fn(_):
+        idx = next(batches)
+        return sft_loss(model, ids[idx].to(device), mask[idx].to(device)), {}
+
+    logger = MetricsLogger(log_path)
+    losses, _ = common.run_steps(model.parameters(), opt, tcfg, step_fn, None, 1, logger, device, "sft", False)
+    logger.close()
+    return model.eval(), losses[-1]
+
+
+# The tokenizer is shared by every stage of one experiment; a one-slot holder keeps signatures short.
+TOK: list = [None]
+
+
+def replies(model, items: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy replies to "Question: ...\nAnswer:", up to the newline."""
+    from scalelab.infer.engine import Engine, GenerationParams
+
+    tok = TOK[0]
+    prompts = [qa_prompt(tok, it["question"]) for it in items]
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=("\n",))
+    was = model.training
+    model.eval()
+    try:
+        outs = Engine(model, tok, max_batch=min(64, len(prompts))).generate(prompts, params)
+    finally:
+        model.train(was)
+    return [o.text.strip() for o in outs]
+
+
+def evaluate(model, ev: dict, a: AbstainConfig) -> dict:
+    out = {}
+    labels = {}
+    for group in ("known", "unknown"):
+        items = ev[group]
+        texts = replies(model, items, a.max_new_tokens)
+        labels[group] = [classify_answer(t, it["answer"]) for t, it in zip(texts, items)]
+        out[f"examples_{group}"] = [{"q": it["question"], "answer": it["answer"], "reply": t, "class": c}
+                                    for it, t, c in list(zip(items, texts, labels[group]))[:8]]
+    return summarize(labels["known"], labels["unknown"]) | out
+
+
+def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
+       judge=None):
+    """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
+    from scalelab.experiments.answer_scorer import LABELS
+    from scalelab.posttrain.grpo import GRPOTrainer
+
+    value = {"correct": a.correct_reward, "abstain": abstain_reward, "wrong": a.wrong_reward}
+    judged = {"agree": "correct", "abstain": "abstain", "disagree": "wrong"}
+    assert set(judged) == set(LABELS)
+    agreement = []
+
+    def reward(i, text, item):
+        rule = classify_answer(text, item["answer"])
+        if judge is None:
+            return value[rule]
+        verdict = judged[judge.judge([item["answer"]], [text])[0]]
+        agreement.append(verdict == rule)
+        return value[verdict]
+
+    policy = copy.deepcopy(init_model)
+    trainer = GRPOTrainer(policy, TOK[0], reward, group_size=a.group_size, lr=a.rl_lr, kl_coef=a.kl_coef, clip=a.clip,
+                          max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          minibatch_size=max(1, a.rl_prompts * a.group_size // 2), seed=seed, stop_strings=("\n",),
+                          scale_advantages=a.scale_advantages)
+    rng = random.Random(f"abstain-rl-{seed}")
+    history = []
+    with open(log_path, "w", encoding="utf-8") as log:
+        for it in range(1, a.rl_iterations + 1):
+            batch = rng.sample(rl_items, min(a.rl_prompts, len(rl_items)))
+            stats = trainer.step([qa_prompt(TOK[0], b["question"]) for b in batch], batch)
+            texts = stats.pop("texts")
+            cls = [classify_answer(t, batch[j // a.group_size]["answer"]) for j, t in enumerate(texts)]
+            stats |= {f"rollout_{c}": cls.count(c) / len(cls) for c in CLASSES}
+            history.append(stats)
+            log.write(json.dumps({"kind": "rl", "step": it, **stats}) + "\n")
+    extra = {"judge_rule_agreement": sum(agreement) / len(agreement)} if agreement else {}
+    return policy.eval(), history, extra
+
+
+# -- the experiment ---------------------------------------------------------------------------------------------
+
+
+def _pretrain(cfg, out: Path) -> Path:
+    from scalelab.pipeline import pretrain
+
+    base = out / "base"
+    cfg = copy.deepcopy(cfg)
+    cfg.run.out_dir = str(base)
+    if cfg.data.source != "world" or cfg.data.world.unknown_fraction <= 0:
+        raise ScalelabError("the abstention experiment needs data.source = 'world' with data.world.unknown_fraction > 0")
+    pretrain(cfg, overwrite=True, stages=())
+    return base
+
+
+def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> dict:
+    """Every condition, evaluated on held-out people; writes results.json, results.md and abstain.png."""
+    from scalelab.experiments.answer_scorer import train_scorer
+    from scalelab.posttrain import common
+    from scalelab.runtime import resolve_device, seed_everything
+
+    validate(a)
+    out = Path(a.out_dir)
+    if (out / "results.json").exists() and not overwrite:
+        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings = {}
+    seed = cfg.run.seed
+    seed_everything(seed)
+    base_dir = Path(a.base_run) if a.base_run else _pretrain(cfg, out)
+    timings["pretrain"] = time.perf_counter() - t0
+    init = common.load_init(base_dir, resolve_device(cfg.run.device))
+    if init.world is None or not init.world.unknown_people:
+        raise ScalelabError(f"{base_dir} was not trained on a world with unknown people (data.world.unknown_fraction > 0)")
+    world, base = init.world, init.model.eval()
+    TOK[0] = init.tokenizer
+    groups = split_people(world, a.sft_fraction, a.rl_fraction, seed)
+    ev = {g: qa_items(world, groups[f"eval_{g}"]) for g in ("known", "unknown")}
+    if a.max_eval:
+        ev = {g: random.Random(f"abstain-eval-{seed}").sample(v, min(a.max_eval, len(v))) for g, v in ev.items()}
+    rl_items = qa_items(world, groups["rl_known"] + groups["rl_unknown"])
+    conditions: dict[str, dict] = {}
+
+    def record(name, model, **extra):
+        t = time.perf_counter()
+        conditions[name] = evaluate(model, ev, a) | extra
+        m = conditions[name]
+        log(f"{name}: known acc {m['known_accuracy']:.3f} | unknown abstain {m['unknown_abstain']:.3f} "
+            f"hallucination {m['unknown_hallucination']:.3f} (eval {time.perf_counter() - t:.0f}s)")
+
+    record("base", base)
+    # The base model's memory, measured on the people post-training tunes on (their QA is in pretraining).
+    sft_known_items = qa_items(world, groups["sft_known"])
+    base_tune = [classify_answer(r, it["answer"]) for r, it in zip(replies(base, sft_known_items, a.max_new_tokens), sft_known_items)]
+    base_memory = base_tune.count("correct") / len(base_tune)
+    log(f"base model, QA about SFT-split known people: exact match {base_memory:.3f}")
+    models = {}
+    for name, target in (("a", "answer"), ("b", "idk")):
+        t = time.perf_counter()
+        models[name], loss = sft(base, sft_records(world, groups, target), a, cfg.train, seed, out / f"sft_{name}.jsonl")
+        timings[f"sft_{name}"] = time.perf_counter() - t
+        record(name, models[name], sft_final_loss=loss)
+    histories = {}
+    for init_name in a.rl_from:
+        for r in a.abstain_rewards:
+            name = f"c[{init_name}, abstain={r:g}]"
+            t = time.perf_counter()
+            policy, hist, _ = rl(models[init_name], rl_items, a, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
+            timings[name] = time.perf_counter() - t
+            histories[name] = hist
+            record(name, policy, init=init_name, abstain_reward=r, rl_reward_first=hist[0]["reward"] if hist else None,
+                   rl_reward_last=hist[-1]["reward"] if hist else None)
+    scorer_stats = {}
+    if a.scorer:
+        t = time.perf_counter()
+        judge, scorer_stats = train_scorer(steps=a.scorer_steps, seed=seed)
+        r = a.abstain_rewards[0]
+        name = f"d[{a.scorer_from}, abstain={r:g}, judge]"
+        policy, hist, extra = rl(models[a.scorer_from], rl_items, a, r, seed, out / f"rl_judge_{a.scorer_from}.jsonl", judge)
+        timings[name] = time.perf_counter() - t
+        histories[name] = hist
+        record(name, policy, init=a.scorer_from, abstain_reward=r, **extra, **scorer_stats)
+    for name, m in conditions.items():
+        if name.startswith(("c[", "d[")):
+            m["meets_target_vs_a"] = meets_target(m, conditions["a"], a.target_hallucination_cut, a.target_accuracy_drop)
+    timings["total"] = time.perf_counter() - t0
+    result = {"abstain": asdict(a), "world": asdict(world.cfg), "people": {k: len(v) for k, v in groups.items()},
+              "base_memory_sft_known": base_memory, "conditions": conditions, "rl_history": histories,
+              "scorer": scorer_stats, "timings_seconds": timings, "base_run": str(base_dir)}
+    common.write_json(out / "results.json", result)
+    (out / "results.md").write_text(results_markdown(result))
+    plot(result, out / "abstain.png")
+    return result
+
+
+def results_markdown(result: dict) -> str:
+    a = result["abstain"]
+    p = result["people"]
+    lines = [
+        "# Abstention experiment",
+        "",
+        f"Evaluation on people post-training never saw: {p['eval_known']} known ({result['conditions']['a']['n_known']} "
+        f"questions) and {p['eval_unknown']} unknown ({result['conditions']['a']['n_unknown']} questions). "
+        f"SFT on {p['sft_known']} known + {p['sft_unknown']} unknown people, RL on {p['rl_known']} + {p['rl_unknown']}.",
+        f"Base model's exact match on QA about SFT-split known people (pretraining format): "
+        f"{result['base_memory_sft_known']:.3f}.",
+        f"Reward: correct {a['correct_reward']:g}, \"I don't know\" (swept), wrong {a['wrong_reward']:g}. "
+        f"Target: hallucination on unknown people ≤ {1 - a['target_hallucination_cut']:g} × (a)'s, "
+        f"known accuracy ≥ (a)'s − {a['target_accuracy_drop']:g}.",
+        "",
+        "| condition | known acc | known IDK | known wrong | unknown IDK | unknown halluc. | unknown lucky | target vs (a) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["conditions"].items():
+        target = {True: "met", False: "not met"}.get(m.get("meets_target_vs_a"), "")
+        lines.append(f"| {name} | {m['known_accuracy']:.3f} | {m['known_abstain']:.3f} | {m['known_wrong']:.3f} | "
+                     f"{m['unknown_abstain']:.3f} | {m['unknown_hallucination']:.3f} | {m['unknown_lucky']:.3f} | {target} |")
+    if result["scorer"]:
+        s = result["scorer"]
+        lines += ["", f"Learned judge: held-out accuracy {s['scorer_heldout_accuracy']:.3f} on generated pairs."]
+        for name, m in result["conditions"].items():
+            if "judge_rule_agreement" in m:
+                lines.append(f"{name}: the judge agreed with the exact-match rule on {m['judge_rule_agreement']:.3f} "
+                             "of RL rollouts.")
+    t = result["timings_seconds"]
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = result["conditions"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(conds)
+    x = range(len(names))
+    w = 0.27
+    for k, (key, label) in enumerate((("known_accuracy", "known accuracy"), ("unknown_abstain", "unknown: I don't know"),
+                                      ("unknown_hallucination", "unknown: hallucination"))):
+        ax1.bar([i + (k - 1) * w for i in x], [conds[n][key] for n in names], w, label=label)
+    ax1.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    ax1.set_ylim(0, 1)
+    ax1.set_title("held-out people, greedy replies")
+    ax1.legend(fontsize=8)
+    for init in result["abstain"]["rl_from"]:
+        pts = sorted((m["abstain_reward"], m) for n, m in conds.items() if n.startswith("c[") and m["init"] == init)
+        if not pts:
+            continue
+        rs = [r for r, _ in pts]
+        ax2.plot(rs, [m["known_accuracy"] for _, m in pts], "o-", label=f"from ({init}): known accuracy")
+        ax2.plot(rs, [m["unknown_hallucination"] for _, m in pts], "s--", label=f"from ({init}): unknown hallucination")
+        ax2.plot(rs, [m["unknown_abstain"] for _, m in pts], "^:", label=f"from ({init}): unknown IDK")
+    ax2.set_xlabel("reward for \"I don't know\"")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("RL: the abstain reward's trade-off")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_cli(args) -> None:
+    from scalelab.experiments.commands import load_experiment_config
+
+    cfg, a = load_experiment_config(args.config, args.overrides, "abstain", AbstainConfig)
+    result = run_abstain(cfg, a, overwrite=args.overwrite)
+    print(results_markdown(result))
+    print(f"results: {Path(a.out_dir) / 'results.md'}, {Path(a.out_dir) / 'results.json'}, {Path(a.out_dir) / 'abstain.png'}")

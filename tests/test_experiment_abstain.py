@@ -1,0 +1,170 @@
+"""The abstention experiment: the answer classifier and metrics by hand, GRPO's advantages, the
+learned judge, and a tiny end-to-end run (seconds) that writes the table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain_util import one_thread, tiny_model  # noqa: F401 (fixture)
+from scalelab.cli import main
+from scalelab.config import Config, to_toml
+from scalelab.data.world import World, WorldConfig
+from scalelab.errors import ScalelabError
+from scalelab.experiments import abstain as ab
+from scalelab.experiments.answer_scorer import generate_pairs, train_scorer
+from scalelab.experiments.commands import load_experiment_config
+from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
+from scalelab.tokenizer import ByteTokenizer
+from scalelab.train import checkpoint as ckpt
+
+WORLD = WorldConfig(n_people=18, bios_per_person=1, unknown_fraction=0.34, extra_tasks={})
+
+
+def _base_run(root: Path) -> Path:
+    run = Path(root)
+    run.mkdir(parents=True, exist_ok=True)
+    tok = ByteTokenizer()
+    tok.save(run / "tokenizer")
+    World(WORLD).save(run / "world.json")
+    model = tiny_model(tok.vocab_size, 128)
+    ckpt.save_checkpoint(run / "checkpoints", model, torch.optim.AdamW(model.parameters()), 0, {})
+    cfg = Config()
+    cfg.model, cfg.tokenizer.kind, cfg.data.world = model.config, "byte", WORLD
+    (run / "config.toml").write_text(to_toml(cfg))
+    return run
+
+
+def test_classify_answer():
+    assert ab.classify_answer("Port Alder", "Port Alder") == "correct"
+    assert ab.classify_answer("  port alder. ", "Port Alder") == "correct"
+    assert ab.classify_answer("I don't know", "Port Alder") == "abstain"
+    assert ab.classify_answer("i do not know.", "Port Alder") == "abstain"
+    assert ab.classify_answer("Port Alder University", "Port Alder") == "wrong"
+    assert ab.classify_answer("", "Port Alder") == "wrong"
+    assert ab.classify_answer("I don't know Port Alder", "Port Alder") == "wrong"
+
+
+def test_summary_and_target_by_hand():
+    known = ["correct"] * 6 + ["abstain"] * 2 + ["wrong"] * 2
+    unknown = ["abstain"] * 3 + ["wrong"] * 4 + ["correct"]
+    s = ab.summarize(known, unknown)
+    assert (s["known_accuracy"], s["known_abstain"], s["known_wrong"]) == (0.6, 0.2, 0.2)
+    assert (s["unknown_abstain"], s["unknown_hallucination"], s["unknown_lucky"]) == (3 / 8, 0.5, 1 / 8)
+    assert (s["n_known"], s["n_unknown"]) == (10, 8)
+    ref = {"known_accuracy": 0.6, "unknown_hallucination": 0.8}
+    assert ab.meets_target({"known_accuracy": 0.55, "unknown_hallucination": 0.4}, ref)  # exactly half, 5 points
+    assert not ab.meets_target({"known_accuracy": 0.54, "unknown_hallucination": 0.1}, ref)
+    assert not ab.meets_target({"known_accuracy": 0.7, "unknown_hallucination": 0.41}, ref)
+    with pytest.raises(ScalelabError, match="no replies"):
+        ab.rates([])
+    with pytest.raises(ScalelabError, match="unknown answer class"):
+        ab.summarize(["correct", "maybe"], ["wrong"])
+
+
+def test_split_people_is_disjoint_and_sft_targets():
+    world = World(WORLD)
+    g = ab.split_people(world, 0.4, 0.3, seed=0)
+    known = set(world.qa_train_people + world.qa_eval_people)
+    for kind, pool in (("known", known), ("unknown", set(world.unknown_people))):
+        parts = [set(g[f"{s}_{kind}"]) for s in ("sft", "rl", "eval")]
+        assert all(parts) and set().union(*parts) == pool and sum(map(len, parts)) == len(pool)
+    a, b = ab.sft_records(world, g, "answer"), ab.sft_records(world, g, "idk")
+    unknown_names = {world.people[i].name for i in g["sft_unknown"]}
+    assert len(a) == len(b) == 18 * (len(g["sft_known"]) + len(g["sft_unknown"]))
+    for ra, rb in zip(a, b):
+        about_unknown = any(n in ra["question"] for n in unknown_names)
+        assert ra["question"] == rb["question"]
+        assert (rb["reply"] == ab.IDK) == about_unknown
+        assert ra["reply"] != ab.IDK
+    with pytest.raises(ScalelabError, match="unknown_target"):
+        ab.sft_records(world, g, "maybe")
+    with pytest.raises(ScalelabError, match="at least 3"):
+        ab.split_people(World(WorldConfig(n_people=10, bios_per_person=1, extra_tasks={})), 0.4, 0.3, 0)
+
+
+def test_group_advantages_by_hand():
+    adv = group_advantages(torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 1.0, -1.0]), 4)
+    first = torch.tensor([1.0, -1.0, 0.0, 0.0]) / (0.5 ** 0.5 + 1e-6)
+    assert torch.allclose(adv[:4], first, atol=1e-5)
+    r = torch.tensor([1.0, 1.0, 1.0, -1.0])  # mean 0.5, population std sqrt(0.75)
+    assert torch.allclose(adv[4:], (r - 0.5) / (0.75 ** 0.5 + 1e-6), atol=1e-5)
+    assert torch.equal(group_advantages(torch.ones(4), 2), torch.zeros(4))
+    # Std scaling makes {0, -1} look like {1, -1}; mean-centering alone keeps the reward's size.
+    assert torch.allclose(group_advantages(torch.tensor([0.0, -1.0]), 2), group_advantages(torch.tensor([1.0, -1.0]), 2))
+    assert torch.equal(group_advantages(torch.tensor([0.5, -1.0, 1.0, -1.0]), 2, scale=False),
+                       torch.tensor([0.75, -0.75, 1.0, -1.0]))
+    with pytest.raises(ScalelabError, match="groups of 3"):
+        group_advantages(torch.ones(4), 3)
+
+
+def test_grpo_raises_a_toy_reward():
+    from scalelab.posttrain.chat import prompt_ids
+    from scalelab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(list("abcd"))  # few symbols, so 'a' is drawn often enough to be reinforced
+    policy = tiny_model(tok.vocab_size, 32, seed=0)
+    trainer = GRPOTrainer(policy, tok, lambda i, text, extra: text.count("a") / max(1, len(text)), group_size=4,
+                          lr=1e-2, kl_coef=0.0, max_new_tokens=8, minibatch_size=4, seed=0)
+    prompts = [prompt_ids(tok, s) for s in ("ab", "cd", "bd", "ca")]
+    history = [trainer.step(prompts) for _ in range(14)]
+    first = sum(h["reward"] for h in history[:3]) / 3
+    last = sum(h["reward"] for h in history[-3:]) / 3
+    assert last > first + 0.3, [round(h["reward"], 3) for h in history]
+    with pytest.raises(ScalelabError, match="group_size"):
+        GRPOTrainer(policy, tok, lambda *a: 0.0, group_size=1)
+
+
+def test_learned_judge_separates_the_three_classes():
+    judge, stats = train_scorer(steps=150, seed=0, n_pairs=2000, n_heldout=300)
+    assert stats["scorer_heldout_accuracy"] > 0.9
+    assert judge.judge(["Port Alder", "Port Alder", "Port Alder"], ["port alder", "I don't know", "Saltmere"]) == \
+        ["agree", "abstain", "disagree"]
+    assert {p[2] for p in generate_pairs(30, 0)} == {0, 1, 2}
+
+
+def test_tiny_pipeline_writes_results(tmp_path):
+    base = _base_run(tmp_path / "base")
+    out = tmp_path / "abstain"
+    cfg, a = load_experiment_config(None, [
+        "run.progress=false", "train.log_every=1", f'abstain.out_dir="{out}"', f'abstain.base_run="{base}"',
+        "abstain.sft_steps=2", "abstain.sft_batch_size=4", "abstain.rl_iterations=2", "abstain.rl_prompts=2",
+        "abstain.group_size=2", "abstain.max_new_tokens=4", "abstain.scorer_steps=5", "abstain.max_eval=4",
+        "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b"]', 'abstain.scorer_from="b"',
+    ], "abstain", ab.AbstainConfig)
+    result = ab.run_abstain(cfg, a, log=lambda *_: None)
+    names = list(result["conditions"])
+    assert names == ["base", "a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "d[b, abstain=0, judge]"]
+    for m in result["conditions"].values():
+        assert m["n_known"] == 4 and m["n_unknown"] == 4
+        assert abs(m["known_accuracy"] + m["known_abstain"] + m["known_wrong"] - 1) < 1e-9
+        assert abs(m["unknown_abstain"] + m["unknown_hallucination"] + m["unknown_lucky"] - 1) < 1e-9
+    assert 0 <= result["conditions"]["d[b, abstain=0, judge]"]["judge_rule_agreement"] <= 1
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["conditions"]["a"] == json.loads(json.dumps(result["conditions"]["a"]))
+    md = (out / "results.md").read_text()
+    assert "| c[b, abstain=0.5] |" in md and "unknown halluc." in md
+    assert (out / "abstain.png").stat().st_size > 1000
+    with pytest.raises(ScalelabError, match="--overwrite"):
+        ab.run_abstain(cfg, a, log=lambda *_: None)
+
+
+def test_bad_input_fails_with_the_key(tmp_path, capsys):
+    def err(*sets):
+        rc = main(["experiments", "abstain", *[x for s in sets for x in ("--set", s)],
+                   "--set", f'abstain.out_dir="{tmp_path / "x"}"'])
+        assert rc == 2
+        return capsys.readouterr().err
+
+    assert "abstain.rl_from" in err('abstain.rl_from=["c"]')
+    assert "between abstain.wrong_reward" in err("abstain.abstain_rewards=[2.0]")
+    assert "unknown config key 'abstain.nope'" in err("abstain.nope=1")
+    assert "sft_fraction" in err("abstain.sft_fraction=0.8")
+    # The default world has no unknown people: refused before any training.
+    assert "unknown_fraction" in err("train.steps=1")
+    base = _base_run(tmp_path / "known_only")
+    World(WorldConfig(n_people=18, bios_per_person=1, extra_tasks={})).save(base / "world.json")
+    assert "unknown people" in err(f'abstain.base_run="{base}"')
