@@ -56,10 +56,24 @@ def test_toml_round_trip(tmp_path):
 
 
 def test_repo_recipes_load():
+    """Every recipe under configs/ loads; an experiment's recipe also carries its own section."""
     from pathlib import Path
 
-    for recipe in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml")):
-        load_config(recipe)
+    from scalelab.config import read_toml
+    from scalelab.experiments.abstain import AbstainConfig
+    from scalelab.experiments.commands import load_experiment_config
+    from scalelab.experiments.flan import FlanConfig
+    from scalelab.experiments.reward_hacking import RewardHackingConfig
+
+    experiment_sections = {"abstain": AbstainConfig, "flan": FlanConfig, "reward_hacking": RewardHackingConfig}
+    recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
+    assert recipes
+    for recipe in recipes:
+        sections = [k for k in read_toml(recipe) if k in experiment_sections]
+        if sections:
+            load_experiment_config(recipe, [], sections[0], experiment_sections[sections[0]])
+        else:
+            load_config(recipe)
 
 
 def test_schedules():
