@@ -58,6 +58,11 @@ def plot_loss_curves(records: list[dict], out_path: str | Path, baseline_bpb: fl
     for ax in (ax_loss, ax_bpb):
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, out_path, title)
+
+
+def save_figure(fig, out_path: str | Path, title: str = "") -> Path:
+    """Title, tight layout, PNG at 110 dpi, and the figure closed (long sweeps draw many)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()

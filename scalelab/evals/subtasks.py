@@ -135,7 +135,7 @@ def plot_subtask_losses(records: list[dict], out_path: str | Path, title: str = 
     curves = {k: v for k, v in curves.items() if len(v[0]) >= 2}
     if not curves:
         return None
-    from scalelab.evals.plots import plt
+    from scalelab.evals.plots import plt, save_figure
 
     fig, (ax_raw, ax_norm) = plt.subplots(1, 2, figsize=(11, 4))
     total = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
@@ -156,10 +156,4 @@ def plot_subtask_losses(records: list[dict], out_path: str | Path, title: str = 
     for ax in (ax_raw, ax_norm):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path, title)
