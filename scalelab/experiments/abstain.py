@@ -31,8 +31,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from scalelab.errors import ScalelabError
 
 IDK = "I don't know"
