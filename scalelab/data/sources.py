@@ -57,21 +57,27 @@ def _load_jsonl(path: str, field: str, split: str) -> list[str]:
     if not Path(path).is_file():
         raise ScalelabError(f"{path} is not a file (data.source = 'jsonl' reads one .jsonl file)")
     docs = []
+    for n, record in iter_jsonl(path):
+        if not isinstance(record, dict) or field not in record:
+            raise ScalelabError(f"{path}:{n}: no field '{field}' (set data.text_field to the field holding the text)")
+        if not isinstance(record[field], str):
+            raise ScalelabError(f"{path}:{n}: field '{field}' is not a string")
+        docs.append(record[field])
+    return docs
+
+
+def iter_jsonl(path: str | Path):
+    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON or bad UTF-8
+    is an error naming the file and line. Callers check the existence of the file and the values' shape."""
     # utf-8-sig: a byte-order mark, common in files saved on Windows, must not break line 1
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ScalelabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise ScalelabError(f"{path}:{n}: no field '{field}' (set data.text_field to the field holding the text)")
-            if not isinstance(record[field], str):
-                raise ScalelabError(f"{path}:{n}: field '{field}' is not a string")
-            docs.append(record[field])
-    return docs
 
 
 def _utf8_lines(f, path: str):

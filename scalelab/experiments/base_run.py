@@ -51,3 +51,14 @@ def ensure_base(cfg: Config, folder: str | Path, given: str = "") -> Path:
 def stage_config(cfg: Config, out_dir: Path, **sections) -> Config:
     """A copy of ``cfg`` writing to ``out_dir``, with some stage sections replaced (sft=..., rm=..., ...)."""
     return replace(cfg, run=replace(cfg.run, out_dir=str(out_dir), name=Path(out_dir).name), **sections)
+
+
+def clear_outputs_keep_base(out: str | Path) -> None:
+    """``--overwrite`` for a study: delete its outputs but keep the cached base, which is retrained
+    only when its recipe changes."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.name != "base":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()

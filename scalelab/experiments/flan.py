@@ -248,17 +248,13 @@ def plot(table: list[dict], path: Path, heldout: list[str]) -> None:
 
 
 def run_cli(args) -> None:
-    import shutil
-
+    from scalelab.experiments.base_run import clear_outputs_keep_base
     from scalelab.experiments.commands import load_experiment_config
 
     cfg, fc = load_experiment_config(args.config, args.overrides, SECTION, FlanConfig)
     out = Path(fc.out_dir)
-    if getattr(args, "overwrite", False) and out.is_dir():
-        # The cached base survives --overwrite: it is retrained only when its recipe changes.
-        for child in out.iterdir():
-            if child.name != "base":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if getattr(args, "overwrite", False):
+        clear_outputs_keep_base(out)
     result = run_flan(cfg, fc)
     print(json.dumps(result["by_k"], indent=1))
     print(f"results: {out / 'results.md'}")

@@ -301,16 +301,13 @@ def plot(curves: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    import shutil
-
+    from scalelab.experiments.base_run import clear_outputs_keep_base
     from scalelab.experiments.commands import load_experiment_config
 
     cfg, rc = load_experiment_config(args.config, args.overrides, SECTION, RewardHackingConfig)
     out = Path(rc.out_dir)
-    if getattr(args, "overwrite", False) and out.is_dir():
-        for child in out.iterdir():  # the cached base survives; it is retrained only when its recipe changes
-            if child.name != "base":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if getattr(args, "overwrite", False):
+        clear_outputs_keep_base(out)
     result = run_reward_hacking(cfg, rc)
     print(json.dumps({n: {k: round(v, 4) for k, v in f.items()} for n, f in result["final"].items()}, indent=1))
     print(f"results: {out / 'results.md'}")

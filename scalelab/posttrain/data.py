@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from scalelab.data.sources import iter_jsonl
 from scalelab.errors import ScalelabError
 from scalelab.infer.chat import ROLES
 from scalelab.posttrain.chat import prompt_ids, render_training, reply_ids
@@ -49,18 +50,11 @@ def _jsonl_records(path: str | Path):
     if not p.is_file():
         raise ScalelabError(f"data file not found: {p}")
     n = 0
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScalelabError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ScalelabError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            n += 1
-            yield f"{p}:{lineno}", record
+    for lineno, record in iter_jsonl(p):
+        if not isinstance(record, dict):
+            raise ScalelabError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        n += 1
+        yield f"{p}:{lineno}", record
     if n == 0:
         raise ScalelabError(f"{p} holds no records")
 
