@@ -33,10 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete run.out_dir first and start again")
     p.add_argument("--skip-eval", action="store_true", help="train only: no eval, samples or report")
 
-    p = sub.add_parser("eval", help="evaluate a run: val loss, bits per byte, n-gram baseline, task exact match")
-    p.add_argument("run_dir")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-
     p = sub.add_parser("sample", help="sample text from a run's model with its KV cache")
     p.add_argument("run_dir")
     p.add_argument("--prompt", "-p", default=None, help="text to continue (default: sample.prompt from the run config)")
@@ -90,25 +86,18 @@ def _cmd_pretrain(args) -> None:
     stages = () if args.skip_eval else ("eval", "sample", "report")
     summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, stages=stages)
     if "eval" in summary:
-        _print_eval(summary["eval"])
+        print_eval(summary["eval"])
     for s in summary.get("samples", []):
         print(f"\n--- sample ---\n{s['prompt']}{s['completion']}")
     print(f"\nrun folder: {cfg.run.out_dir}")
 
 
-def _print_eval(ev: dict) -> None:
+def print_eval(ev: dict) -> None:
     print(f"val loss {ev['val_loss']:.4f} nats/token | val bpb {ev['val_bpb']:.4f} | "
           f"{ev['ngram_order']}-gram KN bpb {ev['ngram_val_bpb']:.4f} "
           f"({100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits than the baseline)")
     for name, t in ev.get("tasks", {}).items():
         print(f"  {name}: exact match {t['accuracy']:.3f} (n={t['n']})")
-
-
-def _cmd_eval(args) -> None:
-    from scalelab.pipeline import evaluate, load_run_config
-
-    cfg = load_run_config(args.run_dir, args.overrides)
-    _print_eval(evaluate(args.run_dir, cfg))
 
 
 def _cmd_sample(args) -> None:
@@ -204,14 +193,15 @@ def _cmd_config(args) -> None:
 
 
 COMMANDS = {
-    "pretrain": _cmd_pretrain, "eval": _cmd_eval, "sample": _cmd_sample, "report": _cmd_report,
+    "pretrain": _cmd_pretrain, "sample": _cmd_sample, "report": _cmd_report,
     "tokenizer": _cmd_tokenizer, "data": _cmd_data, "config": _cmd_config, "scaling": _cmd_scaling,
     "evals": _cmd_evals,
 }
 
 
 STAGE_COMMAND_MODULES: list[str] = ["scalelab.infer.commands", "scalelab.serve.commands", "scalelab.parallel.commands",
-                                    "scalelab.posttrain.commands", "scalelab.experiments.commands"]
+                                    "scalelab.posttrain.commands", "scalelab.experiments.commands",
+                                    "scalelab.evals.commands", "scalelab.tasks.commands", "scalelab.adapt.commands"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,13 @@ ACTIONS: dict[str, tuple[str, str]] = {
              "instruction tuning on 1, 2, 4, ... task families, scored on held-out families"),
     "reward-hacking": ("scalelab.experiments.reward_hacking",
                        "PPO against a length-biased reward model with/without KL; SFT vs PPO vs DPO by gold win rate"),
+    "reasoning": ("scalelab.experiments.reasoning",
+                  "chain-of-thought warm start, GRPO with verifiable rewards, test-time compute curves, tool use"),
+    "icl": ("scalelab.experiments.icl", "accuracy against shot count (0, 1, few) for several model sizes"),
+    "adaptation": ("scalelab.experiments.adaptation",
+                   "embeddings: zero-shot cosine vs linear probe; task heads; full / last-k / frozen / LoRA fine-tuning"),
+    "families": ("scalelab.experiments.families",
+                 "decoder-only vs encoder-only (masked LM) vs prefix-LM at equal training FLOPs"),
 }
 
 
