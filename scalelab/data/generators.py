@@ -216,3 +216,8 @@ def world_qa(n: int, rng: random.Random, *, world_seed: int | None = None, n_peo
         chosen.extend(batch[: n - len(chosen)])
     return [Example("world_qa", render_qa(q.question), q.answer,
                     {"person_id": q.person_id, "attribute": q.attribute, "split": split}) for q in chosen]
+
+
+# The reasoning tasks register their chain-of-thought generators (cot_addition, countdown, sudoku4, ...)
+# from their own modules; imported last because those modules import ``register`` from this one.
+import scalelab.tasks  # noqa: E402,F401

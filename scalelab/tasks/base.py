@@ -1,0 +1,87 @@
+"""The shape every reasoning task shares: a ``Problem`` record and the ``ReasoningTask`` base class.
+
+A task draws problems at a difficulty, renders a worked solution (the chain of thought used as
+warm-start SFT data) and checks a parsed final answer. Checking must be cheap and total: RL calls it
+on every sampled reply, most of them garbage early on, so ``check`` returns False instead of raising.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from scalelab.data.generators import Example
+from scalelab.errors import ScalelabError
+
+
+@dataclass
+class Problem:
+    task: str  # registry name, e.g. "addition"
+    prompt: str  # the question as a user asks it: one line, no answer
+    answer: str  # canonical final answer text
+    thinking: str  # worked steps that lead to the answer, without the "Answer:" line
+    difficulty: int
+    meta: dict = field(default_factory=dict)  # what the verifier needs (operands, numbers and target, grid, ...)
+
+
+class ReasoningTask:
+    """Subclasses set ``name``, the difficulty range and ``default_difficulty``, and implement
+    ``_make_problem`` (one problem from an rng) and ``_check`` (a stripped answer string)."""
+
+    name: str = ""
+    min_difficulty: int = 1
+    max_difficulty: int = 1
+    default_difficulty: int = 1
+    difficulty_meaning: str = ""  # one phrase for docs and error messages, e.g. "digits per operand"
+
+    def generate(self, n: int, seed: int, difficulty: int) -> list[Problem]:
+        """``n`` problems; the same (task, seed, difficulty) always gives the same list, and the first
+        k problems of a longer list are the k problems of a shorter one (so an index names a problem)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ScalelabError(f"task '{self.name}': number of problems must be an integer >= 1, got {n!r}")
+        self.check_difficulty(difficulty)
+        return self.sample(random.Random(f"{self.name}-{seed}-{difficulty}"), n, difficulty)
+
+    def sample(self, rng: random.Random, n: int, difficulty: int) -> list[Problem]:
+        """``n`` problems drawn from ``rng`` (the data-generator registry passes its own rng here)."""
+        self.check_difficulty(difficulty)
+        return [self._make_problem(rng, difficulty) for _ in range(n)]
+
+    def check_difficulty(self, difficulty: int) -> None:
+        if (not isinstance(difficulty, int) or isinstance(difficulty, bool)
+                or not self.min_difficulty <= difficulty <= self.max_difficulty):
+            raise ScalelabError(
+                f"task '{self.name}': difficulty ({self.difficulty_meaning}) must be an integer from "
+                f"{self.min_difficulty} to {self.max_difficulty}, got {difficulty!r}"
+            )
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        """Is ``answer`` (the text after "Answer:") a correct final answer to ``problem``? Never raises
+        on garbage answers."""
+        if not isinstance(answer, str):
+            return False
+        return bool(self._check(problem, answer.strip()))
+
+    def _make_problem(self, rng: random.Random, difficulty: int) -> Problem:
+        raise NotImplementedError
+
+    def _check(self, problem: Problem, answer: str) -> bool:
+        raise NotImplementedError
+
+
+def as_examples(task: ReasoningTask, generator_name: str, n: int, rng: random.Random, difficulty: int) -> list[Example]:
+    """Problems as ``Example(prompt, answer = reply with thinking)``; meta adds the final answer."""
+    from scalelab.tasks.answer_format import render_reply
+
+    return [Example(generator_name, p.prompt, render_reply(p, with_thinking=True),
+                    {**p.meta, "difficulty": p.difficulty, "final_answer": p.answer})
+            for p in task.sample(rng, n, difficulty)]
+
+
+def parse_int(text: str) -> int | None:
+    """A plain integer ("-77", "4821"), or None: no thousands separators, no decimals, no words."""
+    text = text.strip()
+    body = text[1:] if text.startswith("-") else text
+    if not body or len(body) > 40 or not body.isascii() or not body.isdigit():
+        return None
+    return int(text)
