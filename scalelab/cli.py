@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
-    p = sub.add_parser("report", help="(re)write report.md and loss.png for a run folder")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="report card (Markdown + self-contained HTML) over one or more run folders")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="pretraining or post-training run, scaling sweep out_dir, or a study's folder")
+    p.add_argument("--out", default=None, help="folder for report_card.md/.html (default: the folder holding the runs)")
+    p.add_argument("--title", default=None, help="the report's title")
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on the configured corpus and report its compression")
     p.add_argument("action", choices=["train"])
@@ -118,10 +121,13 @@ def _cmd_sample(args) -> None:
 
 def _cmd_report(args) -> None:
     from scalelab.report import write_report
+    from scalelab.report_card import collect_run, write_report_card
 
-    if not Path(args.run_dir, "metrics.jsonl").is_file():
-        raise ScalelabError(f"{args.run_dir} is not a run folder (no metrics.jsonl)")
-    print(write_report(args.run_dir))
+    if len(args.run_dirs) == 1 and args.out is None and collect_run(args.run_dirs[0]).stage == "base":
+        # one pretraining run, as before: its report.md and loss.png are rewritten too
+        print(write_report(args.run_dirs[0]))
+    for path in write_report_card(args.run_dirs, out=args.out, title=args.title):
+        print(path)
 
 
 def _cmd_tokenizer(args) -> None:

@@ -76,7 +76,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "## Sub-tasks", "",
                   f"Step at which each sub-task first reached 90% of its improvement in this run: {order}.",
                   "", "![val loss by sub-task](subtasks.png)"]
-    lines += ["", "Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`."]
+    lines += ["", "Config: [`config.toml`](config.toml). Metrics: `metrics.jsonl`. "
+              "Everything on one page: [`report_card.html`](report_card.html)."]
     out = run / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
