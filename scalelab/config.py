@@ -222,6 +222,38 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO with verifiable rewards (scalelab grpo): a reasoning task's problems as chat prompts, a group of
+    sampled replies per problem, reward = the task's verifier through answer_format.make_reward."""
+
+    task: str = "addition"  # a name in the scalelab.tasks registry
+    difficulty: int = 0  # the task's difficulty dial; 0: the task's default
+    steps: int = 50
+    prompts_per_step: int = 8
+    group_size: int = 8  # replies sampled per prompt
+    minibatch_size: int = 0  # replies per optimizer step; 0: the whole batch (one update per step)
+    epochs: int = 1  # passes over each step's replies
+    lr: float = 1e-5
+    warmup: int = 0  # steps of linear learning-rate warmup, then constant
+    kl_coef: float = 0.0  # k3 KL to the starting model as a loss term; 0: no reference copy, no reference pass
+    clip: float = 0.2  # PPO ratio clip; 0: the plain ratio surrogate
+    loss_norm: str = "token"  # token: every reply token weighs the same (DAPO) | sequence: every reply does (GRPO)
+    scale_advantages: bool = True  # false: advantage = reward - group mean, without the std (Dr. GRPO)
+    dynamic_sampling: bool = False  # drop groups whose replies all score the same; refill with fresh problems
+    max_refill_rounds: int = 2  # dynamic sampling: extra sampling rounds a step at most
+    old_logprobs: str = "engine"  # engine: the sampler's log-probs | recompute: a no-grad forward of the policy
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    reward_correct: float = 1.0  # the reward is a correctness term (correct or wrong) ...
+    reward_wrong: float = 0.0
+    reward_formatted: float = 0.1  # ... plus a format term (an "Answer:" line or not)
+    reward_malformed: float = -0.1
+    eval_every: int = 10  # steps between greedy pass@1 evaluations on held-out problems
+    eval_problems: int = 64  # 0: no evaluation
+    eval_seed_offset: int = 1000  # held-out problems are drawn with run.seed + this (and never trained on)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +268,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +464,7 @@ def _posttrain_checks(cfg: Config) -> list[tuple[bool, str]]:
           for name, sec in (("sft", s), ("rm", r), ("ppo", p), ("dpo", d))),
         (0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
     ]
+    checks += _grpo_checks(cfg.grpo)
     for name, sec in (("sft", s), ("rm", r), ("dpo", d)):
         checks += [
             (sec.steps >= 1 and sec.batch_size >= 1 and sec.lr > 0, f"{name}.steps, {name}.batch_size and {name}.lr must be positive"),
@@ -444,6 +478,25 @@ def _posttrain_checks(cfg: Config) -> list[tuple[bool, str]]:
             (sec.bias in ("", "longer"), f"{name}.bias must be \"\" or \"longer\""),
         ]
     return checks
+
+
+def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
+    return [
+        (bool(g.task), "grpo.task must name a reasoning task (see scalelab.tasks)"),
+        (g.difficulty >= 0, "grpo.difficulty must be >= 0 (0: the task's default)"),
+        (g.steps >= 1 and g.prompts_per_step >= 1 and g.epochs >= 1, "grpo.steps, grpo.prompts_per_step and grpo.epochs must be >= 1"),
+        (g.group_size >= 2, "grpo.group_size must be at least 2: one reply has no group baseline"),
+        (g.minibatch_size >= 0, "grpo.minibatch_size must be >= 0 (0: the whole batch)"),
+        (g.lr > 0 and g.warmup >= 0, "grpo.lr must be positive and grpo.warmup >= 0"),
+        (g.kl_coef >= 0 and g.clip >= 0, "grpo.kl_coef and grpo.clip must be >= 0 (0 turns each off)"),
+        (g.loss_norm in ("token", "sequence"), "grpo.loss_norm must be token or sequence"),
+        (g.old_logprobs in ("engine", "recompute"), "grpo.old_logprobs must be engine or recompute"),
+        (g.max_refill_rounds >= 0, "grpo.max_refill_rounds must be >= 0"),
+        (g.max_new_tokens >= 1, "grpo.max_new_tokens must be at least 1"),
+        (g.temperature > 0, "grpo.temperature must be positive (GRPO needs a sampling policy)"),
+        (g.eval_every >= 1 and g.eval_problems >= 0, "grpo.eval_every must be >= 1 and grpo.eval_problems >= 0"),
+        (g.eval_seed_offset != 0, "grpo.eval_seed_offset must not be 0: held-out problems need their own seed"),
+    ]
 
 
 def to_toml(cfg: Config) -> str:

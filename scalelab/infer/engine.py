@@ -50,6 +50,9 @@ class GenerationParams(SamplingParams):
 
     n: int = 1  # samples per prompt, sharing one prefill
     logprobs: bool = False  # log-probability of each sampled token under the model (raw logits, no temperature)
+    # RL wants the sampling distribution itself: logits / temperature, taken before top-k/top-p cut it
+    # (with top_k=0, top_p=1, as GRPO samples, that is exactly the distribution drawn from).
+    logprobs_at_temperature: bool = False
     truncate_prompt: bool = False  # opt in: keep the end of a prompt too long for the context
 
 
@@ -65,6 +68,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     logprobs: list[float] | None = None
+    stop_logprob: float | None = None  # with logprobs: that of the stop token id that ended it (not in tokens)
 
 
 @dataclass
@@ -123,6 +127,10 @@ def _sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _logprob_temperature(params: GenerationParams) -> float:
+    return params.temperature if params.logprobs_at_temperature and params.temperature > 0 else 1.0
+
+
 def safe_text_end(text: str, stop_strings) -> int:
     """How much of a growing text is final: hold back a tail that could still become a stop string,
     and a trailing replacement character (a multi-byte character split across tokens)."""
@@ -146,6 +154,7 @@ class _Seq:
     gen: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    stop_logprob: float | None = None
     pending: int | None = None  # last sampled token, not yet in the cache
     sent: int = 0  # characters of text already streamed
 
@@ -426,7 +435,9 @@ class Engine:
         if want:
             rows = torch.tensor(want, device=logits.device)
             cols = torch.tensor([chosen[i] for i in want], device=logits.device)
-            vals = logits[rows].log_softmax(-1)[torch.arange(len(want), device=logits.device), cols].tolist()
+            scale = torch.tensor([_logprob_temperature(seqs[i].req.params) for i in want], device=logits.device)
+            vals = (logits[rows] / scale[:, None]).log_softmax(-1)[torch.arange(len(want), device=logits.device), cols]
+            vals = vals.tolist()
             lps = dict(zip(want, vals))
         for i, s in enumerate(seqs):
             self._accept(s, chosen[i], lps.get(i))
@@ -435,7 +446,7 @@ class Engine:
         p = seq.req.params
         reason = None
         if tok in p.stop_token_ids:
-            reason, tok, lp = "stop", None, None
+            reason, tok, lp, seq.stop_logprob = "stop", None, None, lp
         else:
             seq.tokens.append(tok)
             if lp is not None:
@@ -456,7 +467,7 @@ class Engine:
             return
         seq.req.results[seq.index] = Completion(
             seq.req.prompt_index, seq.index, seq.tokens, text, reason, len(seq.req.prompt),
-            seq.logprobs if p.logprobs else None,
+            seq.logprobs if p.logprobs else None, seq.stop_logprob,
         )
         self._release(seq)
 

@@ -1,4 +1,4 @@
-"""``scalelab sft | rm | ppo | dpo``: post-training stages, each starting from a finished run (--init)."""
+"""``scalelab sft | rm | ppo | dpo | grpo``: post-training stages, each starting from a finished run (--init)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ STAGES = {
     "rm": "reward model: scalar head on a backbone, Bradley-Terry loss on preference pairs",
     "ppo": "PPO from an SFT run: KL to a frozen reference, critic with GAE, clipped surrogate",
     "dpo": "DPO from an SFT run on preference pairs, against a frozen reference",
+    "grpo": "GRPO from an SFT run on a reasoning task: group-normalised advantages, verifiable rewards",
 }
 
 
@@ -15,7 +16,7 @@ def register(sub, add_config_args) -> dict:
         p = sub.add_parser(name, help=help_text)
         add_config_args(p)
         p.add_argument("--init", required=True, metavar="RUN_DIR",
-                       help="the run to start from (pretraining for sft/rm, normally sft for ppo/dpo)")
+                       help="the run to start from (pretraining for sft/rm, normally sft for ppo/dpo/grpo)")
         p.add_argument("--overwrite", action="store_true", help="delete run.out_dir's checkpoints first and start again")
         if name == "ppo":
             p.add_argument("--reward-model", metavar="RUN_DIR", help="an `scalelab rm` run (sets ppo.reward_model)")
@@ -35,6 +36,8 @@ def _run(args) -> None:
         from scalelab.posttrain.reward_model import run_rm as stage
     elif args.command == "ppo":
         from scalelab.posttrain.ppo import run_ppo as stage
+    elif args.command == "grpo":
+        from scalelab.posttrain.grpo_stage import run_grpo as stage
     else:
         from scalelab.posttrain.dpo import run_dpo as stage
     summary = stage(cfg, args.init, overwrite=args.overwrite)
