@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(PY) bench/shakespeare_char.py
 	$(PY) bench/parallel.py
 	$(PY) bench/serve_load.py
+	# needs the optional extra: $(PY) -m pip install -e '.[trl]'
+	OMP_NUM_THREADS=1 $(PY) bench/grpo_vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

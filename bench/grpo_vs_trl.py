@@ -1,0 +1,385 @@
+"""GRPO on CPU: our trainer against TRL's GRPOTrainer, same model, task, reward and settings, in one run.
+
+A small SwiGLU GPT with a byte-level BPE tokenizer is first supervised on addition problems
+(question -> "Answer: N<|assistant_end|>", half of them misspelt "answer: N", which the task's
+reward counts as no answer line), so that RL has a format to learn and sums to get right more often;
+it is cached under bench/out/ (or taken from ``--init RUN_DIR``). The same
+weights are then exported with ``scalelab export``'s code to a Llama folder, and both trainers start
+from them, one after the other in this process:
+
+- ours: scalelab.posttrain.grpo.GRPOTrainer (batched KV-cache engine for sampling);
+- TRL: trl.GRPOTrainer on the exported folder (transformers ``generate`` for sampling), ``use_cpu``.
+
+Both see the same prompts in the same order (the same token ids: checked), the same group size,
+steps, learning rate (constant, AdamW betas 0.9/0.95, no weight decay, grad-norm clip 1), temperature,
+max new tokens, clip epsilon and KL coefficient (k3 estimator against the frozen start), one
+optimizer step per batch, token-level loss averaged over all reply tokens of the batch (TRL's "dapo"
+on one process) and group-normalised advantages. Replies end at <|assistant_end|> on both sides.
+
+After every step each side records (wall time since its first step began, mean reward of the batch);
+each side runs ``--seeds`` times (other prompts and samples) and its curve is the step-by-step mean.
+The reward is noisy batch to batch, so the comparison uses a rolling mean over ``--window`` steps
+(full windows only). "Time to the same reward": the target is the lower of the two final rolling
+means; each side's time is the wall time of the first step at which its rolling mean reaches it;
+the ratio is TRL's time over ours. Steps/s is steps over total training wall time (setup excluded,
+reported apart). Results are appended to bench/results/grpo_vs_trl.md, the curves drawn in
+bench/results/grpo_vs_trl.png.
+
+TRL is an optional extra used only here: ``pip install -e '.[trl]'``.
+
+    python bench/grpo_vs_trl.py [--steps 40] [--prompts 8] [--group 4] [--max-new-tokens 24] [--seeds 3] [--init RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from results_file import append_results
+from scalelab.errors import ScalelabError
+from scalelab.infer.export_hf import export_hf
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.posttrain.data import pad_rows
+from scalelab.posttrain.grpo import GRPOTrainer
+from scalelab.posttrain.sft import sft_loss
+from scalelab.tasks import Problem, get_task
+from scalelab.tasks.answer_format import ANSWER_MARKER, make_reward, render_reply
+from scalelab.tokenizer import build_tokenizer, load_tokenizer
+from scalelab.train import checkpoint as ckpt
+
+HERE = Path(__file__).resolve().parent
+END = "<|assistant_end|>"
+
+
+def require_trl():
+    try:
+        import trl
+    except ImportError as e:
+        raise SystemExit(f"bench/grpo_vs_trl.py needs TRL ({e}); install the optional extra: pip install -e '.[trl]'")
+    return trl
+
+
+# -- the task --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    prompt: str  # the question line(s), without BOS
+    problem: Problem
+
+
+class AdditionTask:
+    """scalelab.tasks' addition problems, reply format and reward (1.1 right, 0.1 wrong, -0.1 no answer line)."""
+
+    source = "scalelab.tasks addition, answer_format.make_reward() defaults"
+
+    def __init__(self, digits: int):
+        self.task, self.digits = get_task("addition"), digits
+        self.reward_fn = make_reward()
+
+    def items(self, n: int, seed: int) -> list[Item]:
+        return [Item(f"{p.prompt}\n", p) for p in self.task.generate(n, seed, self.digits)]
+
+    @staticmethod
+    def target(item: Item, marked: bool = True) -> str:
+        """The supervised reply: the answer line alone (no worked steps, so a tiny model is right only
+        part of the time); unmarked, it says "answer:", which the task's parser does not accept."""
+        reply = render_reply(item.problem, with_thinking=False)
+        return reply if marked else reply.replace(ANSWER_MARKER, ANSWER_MARKER.lower(), 1)
+
+    def reward(self, item: Item, text: str) -> float:
+        return self.reward_fn(item.problem, text)
+
+
+# -- the starting (SFT) model ------------------------------------------------------------------------------------
+
+
+def sft_model(args, task: AdditionTask):
+    """(model, tokenizer, where it came from): ``--init``, the cache, or a fresh supervised run."""
+    if args.init:
+        run = Path(args.init)
+        tok = load_tokenizer(run / "tokenizer")
+        if tok.kind != "bpe":
+            raise ScalelabError(f"--init {run}: TRL needs a tokenizer transformers can load; {tok.kind} cannot be exported")
+        return ckpt.load_model(run, "cpu"), tok, f"--init {run}"
+    recipe = dict(digits=args.digits, depth=args.sft_depth, n_embd=args.sft_width, steps=args.sft_steps, seed=args.seed,
+                  vocab=args.sft_vocab, version=3)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    cache = Path(args.cache) / f"sft_{key}"
+    if ckpt.latest_checkpoint(cache / "checkpoints") is not None:
+        return ckpt.load_model(cache, "cpu"), load_tokenizer(cache / "tokenizer"), f"cached {cache}"
+    t0 = time.perf_counter()
+    train = task.items(4000, seed=args.seed + 1000)  # a different seed from the RL prompts
+    # Half the replies misspell the marker: the start model then writes the answer line correctly about
+    # half the time, a format RL learns in a few dozen steps (on top of slowly getting more sums right);
+    # the digits themselves tokenize the same either way.
+    marked = [i % 2 == 0 for i in range(len(train))]
+    texts = [it.prompt + task.target(it, m) for it, m in zip(train, marked)]
+    tok = build_tokenizer("bpe", texts, args.sft_vocab)
+    end = tok.token_id(END)
+    rows = []
+    for it, m in zip(train, marked):
+        p = [tok.bos_id] + tok.encode(it.prompt)
+        r = tok.encode(task.target(it, m)) + [end]
+        rows.append((p + r, [0] * len(p) + [1] * len(r)))
+    ids, mask = pad_rows(rows, max(len(r[0]) for r in rows), tok.bos_id)
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, depth=args.sft_depth, n_embd=args.sft_width, head_dim=16,
+                    mlp="swiglu")
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for step in range(args.sft_steps):
+        for group in opt.param_groups:  # linear decay to 10%: a short run ends calmer
+            group["lr"] = 3e-3 * (1 - 0.9 * step / args.sft_steps)
+        batch = torch.randint(0, len(ids), (64,), generator=g)
+        loss = sft_loss(model, ids[batch], mask[batch])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    tok.save(cache / "tokenizer")
+    ckpt.save_checkpoint(cache / "checkpoints", model, opt, args.sft_steps, {})
+    print(f"supervised start model: {args.sft_steps} steps in {time.perf_counter() - t0:.0f}s, final loss "
+          f"{loss.item():.3f}; cached in {cache}")
+    return model, tok, f"trained here, cached in {cache}"
+
+
+# -- the two trainers ----------------------------------------------------------------------------------------------
+
+
+def run_ours(model, tok, task, items, args, seed: int) -> dict:
+    policy = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(policy, tok, lambda i, text, item: task.reward(item, text), group_size=args.group,
+                          lr=args.lr, kl_coef=args.beta, clip=args.clip, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, minibatch_size=args.prompts * args.group, epochs=1,
+                          grad_clip=1.0, seed=seed, loss_norm="token",
+                          # TRL with one pass per batch takes the sampling policy's log-probs as the current ones,
+                          # detached, without a forward of its own; the engine's log-probs spare ours that forward too.
+                          old_logprobs="engine")
+    setup = time.perf_counter() - t0
+    curve = []
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        batch = items[s * args.prompts : (s + 1) * args.prompts]
+        out = trainer.step([[tok.bos_id] + tok.encode(it.prompt) for it in batch], batch)
+        curve.append({"time": time.perf_counter() - t0, "reward": out["reward"], "kl": out.get("kl", 0.0),
+                      "length": out["response_length"]})
+    return {"setup": setup, "curve": curve}
+
+
+def run_trl(trl, hf_dir: Path, tok, task, items, args, seed: int) -> dict:
+    import transformers
+    from datasets import Dataset
+
+    t_setup = time.perf_counter()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    # TRL pads prompts; an unused special token keeps padding apart from BOS and the end marker.
+    hf_tok.pad_token = "<|tool_output_end|>"
+    texts = ["<|bos|>" + it.prompt for it in items]
+    theirs = hf_tok(texts)["input_ids"]
+    ours = [[tok.bos_id] + tok.encode(it.prompt) for it in items]
+    if theirs != ours:
+        raise SystemExit("TRL's tokenizer turns the prompts into other token ids than ours; the comparison would be unfair")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # Stop only at the end of the reply, as ours does (the export also lists BOS, for base models).
+    model.generation_config.eos_token_id = tok.token_id(END)
+    data = Dataset.from_dict({"prompt": texts, "index": list(range(len(items)))})
+
+    def reward(prompts, completions, index, **_):
+        return [task.reward(items[i], c) for i, c in zip(index, completions)]
+
+    curve = []
+
+    class Record(transformers.TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs and "reward" in logs:
+                curve.append({"time": time.perf_counter() - self.t0, "reward": logs["reward"],
+                              "kl": logs.get("kl", 0.0), "length": logs.get("completions/mean_length")})
+
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.GRPOConfig(
+            output_dir=out, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            seed=seed, data_seed=seed, max_steps=args.steps, shuffle_dataset=False,
+            per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
+            num_generations=args.group, num_iterations=1, max_completion_length=args.max_new_tokens,
+            temperature=args.temperature, top_p=1.0, top_k=0, learning_rate=args.lr, lr_scheduler_type="constant",
+            warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, beta=args.beta,
+            epsilon=args.clip, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
+            logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
+                                  processing_class=hf_tok, callbacks=[Record()])
+        setup = time.perf_counter() - t_setup
+        trainer.train()
+    if len(curve) != args.steps:
+        raise SystemExit(f"TRL logged the reward of {len(curve)} steps, expected {args.steps}")
+    return {"setup": setup, "curve": curve}
+
+
+# -- the comparison ----------------------------------------------------------------------------------------------
+
+
+def seed_mean(runs: list[dict]) -> dict:
+    """Step by step, the mean over seeds of wall time and reward: one curve, less sampling noise."""
+    n = len(runs)
+    curve = [{k: sum(r["curve"][s][k] or 0.0 for r in runs) / n for k in ("time", "reward", "kl", "length")}
+             for s in range(len(runs[0]["curve"]))]
+    return {"setup": sum(r["setup"] for r in runs) / n, "curve": curve}
+
+
+def rolling(values: list[float], window: int) -> list[float | None]:
+    """Mean of the last ``window`` values; None until a full window exists."""
+    return [None if i + 1 < window else sum(values[i + 1 - window : i + 1]) / window for i in range(len(values))]
+
+
+def time_to(curve: list[dict], smooth: list[float | None], target: float) -> float | None:
+    return next((c["time"] for c, m in zip(curve, smooth) if m is not None and m >= target - 1e-12), None)
+
+
+def step_to(res: dict, target: float) -> str:
+    return next((str(s + 1) for s, m in enumerate(res["smooth"]) if m is not None and m >= target - 1e-12), "never")
+
+
+def plot(results: dict, target: float, window: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalelab.evals.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (name, res), color in zip(results.items(), ("tab:blue", "tab:orange")):
+        t = [c["time"] for c in res["curve"]]
+        ax.plot(t, [c["reward"] for c in res["curve"]], ".", color=color, alpha=0.35, label=f"{name}: batch mean")
+        sm = res["smooth"]
+        ax.plot([x for x, m in zip(t, sm) if m is not None], [m for m in sm if m is not None], "-", color=color,
+                linewidth=2, label=f"{name}: rolling mean ({window} steps)")
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (lower final rolling mean)")
+    ax.set_xlabel("wall time since the first step (s)")
+    ax.set_ylabel("mean reward per reply (right 1.1, wrong 0.1)")
+    ax.legend(fontsize=8)
+    save_figure(fig, out, "GRPO on CPU: scalelab vs TRL, reward against wall time")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--group", type=int, default=4, help="replies per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    # A tiny model forgets its sums under Adam's noisy steps unless held close to where it started.
+    ap.add_argument("--beta", type=float, default=0.5, help="KL coefficient")
+    ap.add_argument("--clip", type=float, default=0.2, help="clip epsilon")
+    ap.add_argument("--window", type=int, default=5, help="rolling-mean window (steps)")
+    ap.add_argument("--digits", type=int, default=2, help="digits per operand")
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per trainer (seed, seed+1, ...: other prompts and samples)")
+    ap.add_argument("--init", default="", help="start from this run folder (BPE tokenizer) instead of the built-in model")
+    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--sft-depth", type=int, default=2)
+    ap.add_argument("--sft-width", type=int, default=64)
+    ap.add_argument("--sft-vocab", type=int, default=300)
+    ap.add_argument("--cache", default=str(HERE / "out" / "grpo_vs_trl"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a shared 2-core machine more threads thrash, for both sides)")
+    ap.add_argument("--results", default=str(HERE / "results" / "grpo_vs_trl.md"))
+    ap.add_argument("--plot", default=str(HERE / "results" / "grpo_vs_trl.png"))
+    args = ap.parse_args()
+    trl = require_trl()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+
+    import transformers
+
+    task = AdditionTask(args.digits)
+    model, tok, origin = sft_model(args, task)
+    runs = {"scalelab": [], "TRL": []}
+    with tempfile.TemporaryDirectory() as d:
+        hf_dir = export_hf(model, tok, Path(d) / "hf")
+        # Alternating the two spreads other jobs' load on a shared machine over both.
+        for seed in range(args.seed, args.seed + args.seeds):
+            items = task.items(args.steps * args.prompts, seed=seed)
+            runs["scalelab"].append(run_ours(model, tok, task, items, args, seed))
+            runs["TRL"].append(run_trl(trl, hf_dir, tok, task, items, args, seed))
+            print(f"seed {seed}: scalelab {runs['scalelab'][-1]['curve'][-1]['time']:.1f}s, "
+                  f"TRL {runs['TRL'][-1]['curve'][-1]['time']:.1f}s")
+
+    results = {name: seed_mean(rs) for name, rs in runs.items()}
+    for res in results.values():
+        res["smooth"] = rolling([c["reward"] for c in res["curve"]], args.window)
+        res["total"] = res["curve"][-1]["time"]
+        res["final"] = res["smooth"][-1]
+    target = min(r["final"] for r in results.values())
+    for res in results.values():
+        res["t_target"] = time_to(res["curve"], res["smooth"], target)
+    ours, theirs = results["scalelab"], results["TRL"]
+    speed = (args.steps / ours["total"]) / (args.steps / theirs["total"])
+    ratio = theirs["t_target"] / ours["t_target"] if ours["t_target"] and theirs["t_target"] else float("nan")
+
+    rows = ["| step | scalelab time (s) | scalelab reward | scalelab rolling | TRL time (s) | TRL reward | TRL rolling |",
+            "|---|---|---|---|---|---|---|"]
+    fmt = lambda m: "" if m is None else f"{m:.3f}"  # noqa: E731
+    for s in range(args.steps):
+        a, b = ours["curve"][s], theirs["curve"][s]
+        rows.append(f"| {s + 1} | {a['time']:.1f} | {a['reward']:.3f} | {fmt(ours['smooth'][s])} | {b['time']:.1f} | "
+                    f"{b['reward']:.3f} | {fmt(theirs['smooth'][s])} |")
+    summary = [
+        "| | scalelab | TRL |", "|---|---|---|",
+        f"| setup (s, not in the curves) | {ours['setup']:.1f} | {theirs['setup']:.1f} |",
+        f"| training wall time (s) | {ours['total']:.1f} | {theirs['total']:.1f} |",
+        f"| steps/s | {args.steps / ours['total']:.2f} | {args.steps / theirs['total']:.2f} |",
+        f"| first / final rolling-mean reward | {fmt(ours['smooth'][args.window - 1])} / {ours['final']:.3f} | "
+        f"{fmt(theirs['smooth'][args.window - 1])} / {theirs['final']:.3f} |",
+        f"| time to reach the target {target:.3f} (s) | {fmt(ours['t_target'])} | {fmt(theirs['t_target'])} |",
+        # The step count separates learning per step (sampling luck, at this many seeds) from speed per step.
+        f"| steps to reach the target | {step_to(ours, target)} | {step_to(theirs, target)} |",
+    ]
+    verdict = (f"time to the same reward: TRL / scalelab = {ratio:.2f}x (target 3x: "
+               f"{'met' if ratio >= 3 else 'NOT met'}); steps/s: scalelab / TRL = {speed:.2f}x")
+    print("\n".join(rows + [""] + summary + ["", verdict]))
+
+    lines = [
+        f"versions: transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}; "
+        f"torch threads {torch.get_num_threads()}",
+        f"start model: {model.config.depth} layers, width {model.config.n_embd}, {model.num_params():,} parameters, "
+        f"BPE vocab {tok.vocab_size} ({origin}); TRL loads it exported as LlamaForCausalLM",
+        f"task: {task.source} (right 1.1, wrong 0.1, no \"Answer:\" line -0.1), {args.digits}-digit operands; "
+        "the start model answers directly and writes the marker right about half the time",
+        f"settings (both): {args.steps} steps x {args.prompts} prompts x group {args.group}, max {args.max_new_tokens} "
+        f"new tokens, temperature {args.temperature}, lr {args.lr} constant, KL beta {args.beta} (k3), clip "
+        f"{args.clip}, one optimizer step per batch; seeds {args.seed}..{args.seed + args.seeds - 1} (prompts and "
+        "sampling), each side's curve the mean over seeds, step by step",
+        f"rolling mean over {args.window} steps; target = lower final rolling mean = {target:.3f}",
+        "left different: TRL divides advantages by the group's sample std (n - 1) plus 1e-4, ours by the "
+        "population std plus 1e-6; TRL samples with transformers generate, ours with its engine",
+        "**this run was on a loaded machine** (2 cores shared with other jobs): absolute times are noisy, "
+        "compare the two columns of one run",
+        f"**{verdict}**",
+    ]
+    append_results(args.results, lines)
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write("\n" + "\n".join(summary) + "\n\n" + "\n".join(rows) + "\n")
+    plot(results, target, args.window, Path(args.plot))
+    print(f"appended to {args.results}; plot {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
