@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/shakespeare_char.py
 	$(PY) bench/parallel.py
 	$(PY) bench/serve_load.py
-	# needs the optional extra: $(PY) -m pip install -e '.[trl]'
+	$(PY) -m pip install -q -e '.[trl]'  # TRL is an optional extra used only by this benchmark
 	OMP_NUM_THREADS=1 $(PY) bench/grpo_vs_trl.py
 
 clean:
