@@ -1,0 +1,93 @@
+"""Per-example and aggregate metrics of the evaluation harness.
+
+The continuous metrics (edit distance, digit credit, Brier) live in scalelab/evals/emergence.py and
+are re-exported here, so there is one definition of each. ROUGE-L comes from ``rouge_score`` and
+BLEU from ``sacrebleu``, the reference implementations the literature reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scalelab.errors import ScalelabError
+from scalelab.evals.emergence import brier_score, digit_credit, levenshtein, normalized_edit_distance
+from scalelab.evals.tasks import normalize_answer
+
+__all__ = [
+    "brier_score", "digit_credit", "levenshtein", "normalized_edit_distance", "normalize_answer", "exact_match",
+    "choice_index", "bits_per_byte", "rouge_l", "bleu", "sentence_bleu", "win_rate", "nanmean",
+]
+
+
+def exact_match(output: str, reference: str) -> float:
+    """1.0 when the output's first line equals the reference, whitespace runs collapsed and trimmed."""
+    return float(normalize_answer(output) == normalize_answer(reference))
+
+
+def choice_index(logliks: list[float], choices: list[str], normalize: str = "none") -> int:
+    """The chosen option: highest total log-likelihood, or (``normalize="bytes"``) highest per UTF-8 byte.
+
+    Raw sums favour short options (each token costs probability); dividing by the option's byte length
+    removes that bias and does not depend on the tokenizer, unlike dividing by its token count.
+    """
+    if len(logliks) != len(choices) or not choices:
+        raise ScalelabError("multiple choice needs one log-likelihood per choice and at least one choice")
+    if normalize == "none":
+        scores = list(logliks)
+    elif normalize == "bytes":
+        scores = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(logliks, choices)]
+    else:
+        raise ScalelabError(f"unknown choice normalisation {normalize!r} (use none or bytes)")
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def bits_per_byte(token_logprobs: list[float], text: str) -> float:
+    """Negative log-likelihood of ``text`` in bits, divided by its UTF-8 byte count (tokenizer-independent)."""
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes == 0 or not token_logprobs:
+        return float("nan")
+    return -sum(token_logprobs) / math.log(2) / n_bytes
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words), via rouge_score, stemming off."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0-100) with sacrebleu's defaults: 13a tokenisation, 4-grams, one reference each."""
+    import sacrebleu
+
+    if len(predictions) != len(references):
+        raise ScalelabError("BLEU needs one reference per prediction")
+    if not predictions:
+        return float("nan")
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def sentence_bleu(prediction: str, reference: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(prediction, [reference]).score)
+
+
+def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
+    """Share of items where the candidate's judge score beats the baseline's; a tie counts one half."""
+    if len(scores) != len(baseline_scores):
+        raise ScalelabError("win rate needs one baseline score per candidate score")
+    if not scores:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)) / len(scores)
+
+
+def nanmean(values) -> float:
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
