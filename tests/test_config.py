@@ -59,13 +59,18 @@ def test_repo_recipes_load():
     """Every recipe under configs/ loads; an experiment's recipe also carries its own section."""
     from pathlib import Path
 
-    from scalelab.config import read_toml
-    from scalelab.experiments.abstain import AbstainConfig
-    from scalelab.experiments.commands import load_experiment_config
-    from scalelab.experiments.flan import FlanConfig
-    from scalelab.experiments.reward_hacking import RewardHackingConfig
+    import importlib
 
-    experiment_sections = {"abstain": AbstainConfig, "flan": FlanConfig, "reward_hacking": RewardHackingConfig}
+    from scalelab.config import read_toml
+    from scalelab.experiments.commands import load_experiment_config
+
+    # TOML section -> (study module, its config dataclass)
+    studies = {"abstain": ("abstain", "AbstainConfig"), "flan": ("flan", "FlanConfig"),
+               "reward_hacking": ("reward_hacking", "RewardHackingConfig"), "icl": ("icl", "ICLConfig"),
+               "adaptation": ("adaptation", "AdaptationConfig"), "families": ("families", "FamiliesConfig"),
+               "reasoning": ("reasoning", "ReasoningConfig")}
+    experiment_sections = {section: getattr(importlib.import_module(f"scalelab.experiments.{module}"), cls)
+                           for section, (module, cls) in studies.items()}
     recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
     assert recipes
     for recipe in recipes:
