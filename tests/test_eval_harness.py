@@ -1,7 +1,6 @@
 """The evaluation harness: registry, few-shot draws, CLI, and a run scored the same as its HF export."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -179,7 +178,7 @@ def test_hf_export_scores_like_the_run(run, tmp_path):
     from scalelab.infer.export_hf import export_run
 
     hf = export_run(run, tmp_path / "hf")
-    shutil.copy(run / "world.json", hf / "world.json")
+    assert (hf / "world.json").is_file()  # export carries the world along for the world tasks
     native, exported = load_lm(run), load_lm(hf)
     assert isinstance(native, ScalelabLM) and type(exported).__name__ == "HFLM"
     text = "Question: Where was Aria B. Drummond born?\nAnswer: Port Alder"
@@ -227,6 +226,8 @@ def test_cli_accepts_an_hf_folder(run, tmp_path, capsys):
     hf = export_run(run, tmp_path / "hf")
     assert main(["eval", str(hf), "--tasks", "addition", "--shots", "0,1", "--n", "2"]) == 0
     assert "| addition | 1 | 2 |" in capsys.readouterr().out
-    # world tasks need the world, which export does not copy: a one-line error, not a traceback
+    assert main(["eval", str(hf), "--tasks", "world_qa", "--n", "2"]) == 0
+    # without the world the world tasks fail with a one-line error, not a traceback
+    (hf / "world.json").unlink()
     assert main(["eval", str(hf), "--tasks", "world_qa", "--n", "2"]) == 2
     assert "world.json" in capsys.readouterr().err

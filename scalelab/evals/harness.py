@@ -131,7 +131,7 @@ def build_task(name: str, ctx: TaskContext) -> TaskData:
     spec = get_task(name)
     if spec.needs_world and ctx.world is None:
         raise ScalelabError(f"eval task '{name}' needs the run's synthetic world (world.json); "
-                            "this model was not trained on one (copy world.json into an exported folder)")
+                            "this model was not trained on one (or the folder lacks it: re-export with scalelab export)")
     if not isinstance(ctx.n, int) or ctx.n < 1:
         raise ScalelabError(f"--n must be a count >= 1, got {ctx.n!r}")
     data = spec.build(ctx)

@@ -202,8 +202,7 @@ def load_lm(path: str | Path, device: str = "cpu") -> ScorableLM:
 
 
 def find_world(path: str | Path):
-    """The synthetic world a run was trained on, or None. ``scalelab export`` does not copy world.json;
-    copy it into an HF folder to score the world tasks there."""
+    """The synthetic world a run was trained on, or None (``scalelab export`` copies world.json along)."""
     from scalelab.data.world import World
 
     p = Path(path)

@@ -130,7 +130,7 @@ def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, v
     loader = TokenLoader(train_tokens, B, T, seed=seed)
     objective = _Objective(family, tokenizer, a.mask_rate, seed)
     model.train()
-    t0, losses, loss_tokens = time.perf_counter(), [], 0
+    t0, losses = time.perf_counter(), []
     with open(log_path, "w", encoding="utf-8") as log:
         for step in range(steps):
             for g in opt.param_groups:

@@ -204,4 +204,10 @@ def export_run(
             raise ScalelabError(
                 f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}"
             )
-    return export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)
+    folder = export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)
+    # The synthetic world travels along so `scalelab eval` can run the world tasks on the export too.
+    for cand in (run / "world.json", run.parent.parent / "world.json"):
+        if cand.is_file():
+            shutil.copy2(cand, Path(folder) / "world.json")
+            break
+    return folder
