@@ -1,0 +1,584 @@
+"""``scalelab experiments reasoning``: chain-of-thought warm start, RL with verifiable rewards, test-time
+compute and tool use, on the tasks of :mod:`scalelab.tasks` (arithmetic, countdown, 4x4 sudoku).
+
+One small GPT with a byte (or character) tokenizer, so every digit is one token, starts from a
+seeded random initialisation: a base pretrained on the world corpus knows no arithmetic, and the
+study is about what post-training on the tasks teaches, so both SFT conditions start from the
+same untrained weights (``base`` below).
+
+1. Warm start. SFT on the answer alone ("Answer: 1776") vs SFT on the worked steps then the answer,
+   at EQUAL TRAINING FLOPs. Batches hold one task each and are padded to their longest row; a
+   batch of ``b`` rows padded to ``T`` input tokens costs ``b * T * flops_per_token(T)``
+   (GPT.flops_per_token: forward + backward, attention included). The CoT condition runs
+   ``sft_steps`` batches; the answer-only condition runs as many of its own (shorter) batches as
+   it takes to reach the same FLOPs. Accuracy (greedy, verified) per task and difficulty.
+2. RL. GRPO (scalelab.posttrain.grpo) from the CoT model, one run per task, reward
+   ``make_reward`` (correct / formatted / wrong / malformed): pass@1 of the rollouts at every step
+   and greedy pass@1 on the held-out problems every ``rl_eval_every`` steps.
+3. Test-time compute (reasoning_ttc.py): accuracy against the thinking-token budget, and against
+   the number of samples with majority vote vs best-of-N picked by the verifier.
+4. Tool use (reasoning_tools.py): SFT on calculator-call traces, accuracy with and without the tool.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from scalelab.errors import ScalelabError
+
+SECTION = "reasoning"
+CONDITIONS = ("answer_only", "cot")
+
+
+def _default_difficulties() -> dict[str, list[int]]:
+    return {"addition": [1, 2, 3], "multiplication": [1, 2], "expression": [1, 2], "countdown": [2, 3], "sudoku": [4, 5]}
+
+
+@dataclass
+class ReasoningConfig:
+    out_dir: str = "runs/reasoning"
+    tasks: list[str] = field(default_factory=lambda: ["addition", "multiplication", "expression", "countdown", "sudoku"])
+    difficulties: dict[str, list[int]] = field(default_factory=_default_difficulties)  # per task
+    train_per_difficulty: int = 2000  # SFT problems per (task, difficulty), before held-out prompts are removed
+    eval_per_difficulty: int = 48
+    # warm start: both conditions from the same init; CoT gets sft_steps, answer-only matches its FLOPs
+    sft_steps: int = 2400
+    sft_batch_size: int = 8
+    sft_lr: float = 1e-3
+    sft_warmup_steps: int = 20
+    # RL: GRPO from the CoT model, one run per task
+    rl_tasks: list[str] = field(default_factory=list)  # empty: every task
+    rl_steps: int = 20
+    rl_prompts: int = 8
+    group_size: int = 8
+    rl_lr: float = 5e-5
+    kl_coef: float = 0.0
+    clip: float = 0.2
+    loss_norm: str = "token"
+    dynamic_sampling: bool = False
+    temperature: float = 0.8
+    rl_eval_every: int = 5
+    rl_eval_problems: int = 48  # held-out problems per task, spread over its difficulties
+    reward_correct: float = 1.0
+    reward_formatted: float = 0.1
+    reward_wrong: float = 0.0
+    reward_malformed: float = -0.1
+    # test-time compute
+    ttc_tasks: list[str] = field(default_factory=list)  # empty: every task
+    ttc_from: str = "cot"  # the model measured: "cot" (the SFT warm start) or "rl" (each task's RL policy)
+    ttc_problems: int = 32  # per task, spread over its difficulties
+    thinking_budgets: list[int] = field(default_factory=lambda: [0, 8, 16, 32, 64, 128, 256])
+    ttc_samples: int = 16
+    sample_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    ttc_temperature: float = 0.8
+    # tool use
+    tool_tasks: list[str] = field(default_factory=lambda: ["addition", "multiplication", "expression"])
+    tool_sft_steps: int = 120
+    tool_lr: float = 1e-3
+    tool_eval_per_difficulty: int = 24
+
+
+def validate(r: ReasoningConfig) -> dict:
+    """The task objects by name; a ScalelabError naming the first bad key otherwise."""
+    from scalelab.tasks import get_task
+
+    if not r.tasks:
+        raise ScalelabError("invalid config: reasoning.tasks must name at least one task")
+    tasks = {name: get_task(name) for name in r.tasks}
+    for name, task in tasks.items():
+        ds = r.difficulties.get(name)
+        if not ds:
+            raise ScalelabError(f"invalid config: reasoning.difficulties has no list for task '{name}'")
+        for d in ds:
+            task.check_difficulty(d)
+    for key in ("rl_tasks", "ttc_tasks", "tool_tasks"):
+        bad = [t for t in getattr(r, key) if t not in tasks]
+        if bad:
+            raise ScalelabError(f"invalid config: reasoning.{key} names {bad[0]!r}, which is not in reasoning.tasks")
+    checks = [
+        (r.train_per_difficulty >= 1 and r.eval_per_difficulty >= 1, "train_per_difficulty and eval_per_difficulty >= 1"),
+        (r.sft_steps >= 1 and r.sft_batch_size >= 1 and r.sft_lr > 0 and r.sft_warmup_steps >= 0,
+         "sft_steps, sft_batch_size, sft_lr must be positive, sft_warmup_steps >= 0"),
+        (r.rl_steps >= 0 and r.rl_prompts >= 1 and r.group_size >= 2 and r.rl_eval_every >= 1 and r.rl_eval_problems >= 1,
+         "rl_steps >= 0, rl_prompts >= 1, group_size >= 2, rl_eval_every and rl_eval_problems >= 1"),
+        (r.rl_lr > 0 and r.kl_coef >= 0 and r.clip >= 0 and r.temperature > 0, "rl_lr and temperature > 0, kl_coef and clip >= 0"),
+        (r.loss_norm in ("token", "sequence"), "loss_norm must be 'token' or 'sequence'"),
+        (r.reward_wrong < r.reward_correct, "reward_wrong must be below reward_correct"),
+        (r.ttc_from in ("cot", "rl"), "ttc_from must be 'cot' or 'rl'"),
+        (r.ttc_problems >= 1 and r.thinking_budgets and all(b >= 0 for b in r.thinking_budgets),
+         "ttc_problems >= 1 and thinking_budgets a non-empty list of budgets >= 0"),
+        (1 <= r.ttc_samples <= 64 and r.sample_counts and all(1 <= n <= r.ttc_samples for n in r.sample_counts),
+         "ttc_samples in 1..64 and every sample_counts value in 1..ttc_samples"),
+        (r.ttc_temperature > 0, "ttc_temperature must be positive"),
+        (r.tool_sft_steps >= 1 and r.tool_lr > 0 and r.tool_eval_per_difficulty >= 1,
+         "tool_sft_steps, tool_lr and tool_eval_per_difficulty must be positive"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ScalelabError(f"invalid config: reasoning.{msg}")
+    return tasks
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, problem) -> list[int]:
+    from scalelab.infer.chat import render_chat
+
+    return render_chat(tokenizer, [{"role": "user", "content": problem.prompt}])
+
+
+def sft_row(tokenizer, problem, with_thinking: bool) -> tuple[list[int], list[int]]:
+    """(ids, loss mask): the chat prompt, then the reply and its end marker, which carry the loss."""
+    from scalelab.tasks.answer_format import render_reply
+
+    p = chat_prompt(tokenizer, problem)
+    y = tokenizer.encode(render_reply(problem, with_thinking)) + [tokenizer.token_id("<|assistant_end|>")]
+    return p + y, [0] * len(p) + [1] * len(y)
+
+
+def problem_sets(r: ReasoningConfig, tasks: dict, seed: int) -> dict:
+    """Per task: held-out "eval" problems by difficulty, an "rl" prompt pool, and "train" problems
+    (generated with other seeds, every prompt of the held-out and RL sets removed)."""
+    out = {}
+    for name, task in tasks.items():
+        ev = {d: task.generate(r.eval_per_difficulty, seed * 10 + 1, d) for d in r.difficulties[name]}
+        rl = [p for d in r.difficulties[name] for p in task.generate(max(64, r.rl_prompts * 8), seed * 10 + 2, d)]
+        held = {p.prompt for ps in ev.values() for p in ps} | {p.prompt for p in rl}
+        train = [p for d in r.difficulties[name] for p in task.generate(r.train_per_difficulty, seed * 10, d)
+                 if p.prompt not in held]
+        if not train:
+            raise ScalelabError(f"task '{name}': every training problem is also a held-out one; raise its difficulty")
+        out[name] = {"eval": ev, "rl": rl, "train": train}
+    return out
+
+
+def spread(eval_sets: dict, n: int) -> list:
+    """Up to ``n`` held-out problems taken evenly across difficulties (the first of each, in turn)."""
+    per = max(1, -(-n // len(eval_sets)))
+    return [p for ps in eval_sets.values() for p in ps[:per]][:n]
+
+
+def build_tokenizer(kind: str, texts: list[str]):
+    from scalelab.tokenizer import ByteTokenizer, CharTokenizer
+
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        # the alphabet also covers what a tool may answer with (digits, sign, decimal point, error words)
+        return CharTokenizer.from_text(texts + ["0123456789-.e:+*/() abcdefghijklmnopqrstuvwxyz\n"])
+    raise ScalelabError(f"the reasoning study needs tokenizer.kind = 'byte' or 'char' (one token per digit), got {kind!r}")
+
+
+# -- equal-compute SFT --------------------------------------------------------------------------------------
+
+
+def batch_flops(rows: int, length: int, flops_per_token) -> int:
+    """Training FLOPs of one batch of ``rows`` rows padded to ``length`` tokens: the model reads
+    ``length - 1`` inputs per row (the last token is only a target)."""
+    return rows * (length - 1) * flops_per_token(length - 1)
+
+
+def batch_stream(lengths_by_task: dict[str, list[int]], batch_size: int, seed: int):
+    """Endless batches of row indices (indices into the concatenation of the tasks' rows, in task
+    order). Each epoch shuffles every task's rows, cuts them into batches of one task (so padding
+    follows that task's lengths), and shuffles the batches."""
+    starts, at = {}, 0
+    for name, lengths in lengths_by_task.items():
+        starts[name], at = at, at + len(lengths)
+    epoch = 0
+    while True:
+        rng = random.Random(f"reasoning-batches-{seed}-{epoch}")
+        batches = []
+        for name, lengths in lengths_by_task.items():
+            idx = [starts[name] + i for i in range(len(lengths))]
+            rng.shuffle(idx)
+            size = min(batch_size, len(idx))
+            batches += [idx[i : i + size] for i in range(0, len(idx) - size + 1, size)]
+        rng.shuffle(batches)
+        yield from batches
+        epoch += 1
+
+
+def plan(lengths_by_task: dict[str, list[int]], batch_size: int, seed: int, flops_per_token, steps: int = 0,
+         flops_budget: int = 0) -> dict:
+    """The batches of one SFT run: ``steps`` of them, or the fewest whose FLOPs reach ``flops_budget``."""
+    if (steps > 0) == (flops_budget > 0):
+        raise ScalelabError("an SFT plan needs exactly one of steps and a FLOP budget")
+    flat = [n for lengths in lengths_by_task.values() for n in lengths]
+    batches, total, tokens, padded = [], 0, 0, 0
+    for b in batch_stream(lengths_by_task, batch_size, seed):
+        length = max(flat[i] for i in b)
+        batches.append(b)
+        total += batch_flops(len(b), length, flops_per_token)
+        tokens += sum(flat[i] for i in b)
+        padded += len(b) * length
+        if (steps and len(batches) == steps) or (flops_budget and total >= flops_budget):
+            break
+    return {"batches": batches, "steps": len(batches), "flops": total, "tokens": tokens, "padded_tokens": padded}
+
+
+def equal_compute_plans(lengths: dict[str, dict[str, list[int]]], batch_size: int, cot_steps: int, seed: int,
+                        flops_per_token) -> dict[str, dict]:
+    """The CoT run's ``cot_steps`` batches, and the answer-only run's batches up to the same FLOPs."""
+    cot = plan(lengths["cot"], batch_size, seed, flops_per_token, steps=cot_steps)
+    ans = plan(lengths["answer_only"], batch_size, seed, flops_per_token, flops_budget=cot["flops"])
+    return {"cot": cot, "answer_only": ans}
+
+
+def sft_train(init, tokenizer, rows: list, batches: list, r: ReasoningConfig, train_cfg, lr: float, log_path: Path,
+              desc: str):
+    """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only); (model, losses)."""
+    from scalelab.posttrain import common
+    from scalelab.posttrain.data import pad_rows
+    from scalelab.posttrain.sft import sft_loss
+    from scalelab.train.metrics import MetricsLogger
+    from scalelab.train.optim import build_optimizer
+
+    model = copy.deepcopy(init).train()
+    device = next(model.parameters()).device
+    tcfg = replace(train_cfg, steps=len(batches), batch_size=r.sft_batch_size, lr=lr,
+                   warmup_steps=min(r.sft_warmup_steps, max(0, len(batches) - 1)), grad_accum=1)
+    opt = build_optimizer(model, tcfg)
+
+    def step_fn(step):
+        chosen = [rows[i] for i in batches[step]]
+        ids, mask = pad_rows(chosen, max(len(c[0]) for c in chosen), tokenizer.bos_id)
+        return sft_loss(model, ids.to(device), mask.to(device)), {}
+
+    logger = MetricsLogger(log_path)
+    losses, _ = common.run_steps(model.parameters(), opt, tcfg, step_fn, None, 1, logger, device, desc, False)
+    logger.close()
+    return model.eval(), losses
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+
+def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    from scalelab.infer.chat import chat_stop_ids
+    from scalelab.infer.engine import Engine, GenerationParams
+
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=chat_stop_ids(tokenizer))
+    outs = Engine(model, tokenizer, max_batch=max(1, min(64, len(prompts)))).generate(prompts, params)
+    return [o.text for o in outs]
+
+
+def verified(model, tokenizer, problems: list, max_new_tokens: int) -> list[dict]:
+    from scalelab.tasks.answer_format import verify
+
+    texts = greedy_replies(model, tokenizer, [chat_prompt(tokenizer, p) for p in problems], max_new_tokens)
+    return [verify(p, t) | {"text": t} for p, t in zip(problems, texts)]
+
+
+def accuracy_by_difficulty(model, tokenizer, eval_sets: dict, max_new_tokens: int) -> dict:
+    """{difficulty: {"accuracy", "formatted", "n"}} plus "all", and the per-problem verdicts."""
+    problems = [p for ps in eval_sets.values() for p in ps]
+    v = verified(model, tokenizer, problems, max_new_tokens)
+    out, at, flags = {}, 0, {}
+    for d, ps in eval_sets.items():
+        part = v[at : at + len(ps)]
+        at += len(ps)
+        flags[d] = [x["correct"] for x in part]
+        out[str(d)] = {"accuracy": sum(x["correct"] for x in part) / len(part),
+                       "formatted": sum(x["formatted"] for x in part) / len(part), "n": len(part)}
+    out["all"] = {"accuracy": sum(x["correct"] for x in v) / len(v), "n": len(v),
+                  "example": {"prompt": problems[-1].prompt, "reply": v[-1]["text"]}}
+    return out, flags
+
+
+# -- RL -----------------------------------------------------------------------------------------------------
+
+
+def _accepted_kwargs(cls, wanted: dict) -> tuple[dict, list[str]]:
+    """The options this GRPOTrainer accepts, and the names of those it does not (recorded, not fatal)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(wanted), []
+    return {k: v for k, v in wanted.items() if k in params}, sorted(k for k in wanted if k not in params)
+
+
+def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int, seed: int, log_path: Path):
+    """GRPO on one task's RL pool; (policy, history with rollout and held-out greedy pass@1)."""
+    from scalelab.posttrain.grpo import GRPOTrainer
+    from scalelab.tasks.answer_format import make_reward, verify
+
+    reward = make_reward(correct=r.reward_correct, formatted=r.reward_formatted, wrong=r.reward_wrong,
+                         malformed=r.reward_malformed)
+    policy = copy.deepcopy(init)
+    options, ignored = _accepted_kwargs(GRPOTrainer, dict(
+        group_size=r.group_size, lr=r.rl_lr, kl_coef=r.kl_coef, clip=r.clip, max_new_tokens=max_new_tokens,
+        temperature=r.temperature, loss_norm=r.loss_norm, dynamic_sampling=r.dynamic_sampling, seed=seed,
+        minibatch_size=r.rl_prompts * r.group_size, correct_fn=lambda prob, text: verify(prob, text)["correct"]))
+    trainer = GRPOTrainer(policy, tokenizer, lambda i, text, prob: reward(prob, text), **options)
+    held = spread(sets["eval"], r.rl_eval_problems)
+    rng = random.Random(f"reasoning-rl-{seed}")
+    hist = {"step": [], "reward": [], "pass@1": [], "response_length": [], "kl": [], "entropy": [],
+            "eval_step": [], "eval_pass@1": [], "ignored_options": ignored}
+
+    def evaluate(step):
+        v = verified(policy, tokenizer, held, max_new_tokens)
+        hist["eval_step"].append(step)
+        hist["eval_pass@1"].append(sum(x["correct"] for x in v) / len(v))
+
+    evaluate(0)
+    with open(log_path, "w", encoding="utf-8") as log:
+        for step in range(1, r.rl_steps + 1):
+            batch = rng.sample(sets["rl"], min(r.rl_prompts, len(sets["rl"])))
+            stats = trainer.step([chat_prompt(tokenizer, p) for p in batch], batch)
+            texts = stats.pop("texts", None)
+            if "pass@1" not in stats and texts is not None:
+                stats["pass@1"] = sum(verify(batch[j // r.group_size], t)["correct"]
+                                      for j, t in enumerate(texts)) / len(texts)
+            hist["step"].append(step)
+            for k in ("reward", "pass@1", "response_length", "kl", "entropy"):
+                hist[k].append(float(stats[k]) if k in stats else None)
+            log.write(json.dumps({"step": step, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}) + "\n")
+            if step % r.rl_eval_every == 0 or step == r.rl_steps:
+                evaluate(step)
+    return policy.eval(), hist
+
+
+# -- the study ----------------------------------------------------------------------------------------------
+
+
+def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -> dict:
+    from scalelab.experiments import reasoning_tools as tools
+    from scalelab.experiments import reasoning_ttc as ttc
+    from scalelab.experiments.base_run import clear_outputs_keep_base
+    from scalelab.model.gpt import GPT
+    from scalelab.posttrain import common
+    from scalelab.runtime import resolve_device, seed_everything
+
+    tasks = validate(r)
+    out = Path(r.out_dir)
+    if (out / "results.json").exists() and not overwrite:
+        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
+    clear_outputs_keep_base(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    seed = cfg.run.seed
+    seed_everything(seed)
+    sets = problem_sets(r, tasks, seed)
+    texts = [p.prompt + "\n" + p.thinking + "\n" + p.answer for s in sets.values() for p in s["train"]]
+    tok = build_tokenizer(cfg.tokenizer.kind, texts)
+    device = resolve_device(cfg.run.device)
+    base = GPT(replace(cfg.model, vocab_size=tok.vocab_size)).to(device).eval()
+    block = base.config.block_size
+
+    # 1. warm start at equal compute
+    rows, lengths, dropped, max_new = {}, {}, {}, {}
+    for cond in CONDITIONS:
+        rows[cond], lengths[cond] = [], {}
+        for name, s in sets.items():
+            built = [sft_row(tok, p, cond == "cot") for p in s["train"]]
+            kept = [b for b in built if len(b[0]) <= block]
+            dropped[f"{cond}/{name}"] = len(built) - len(kept)
+            if not kept:
+                raise ScalelabError(f"no {cond} SFT row of task '{name}' fits the model's context of {block} tokens")
+            rows[cond] += kept
+            lengths[cond][name] = [len(k[0]) for k in kept]
+            if cond == "cot":  # room for the longest worked reply, capped by the context
+                prompt_len = max(len(chat_prompt(tok, p)) for p in s["train"])
+                max_new[name] = min(block - prompt_len, max(len(k[0]) - sum(1 for m in k[1] if not m) for k in kept) + 16)
+    plans = equal_compute_plans(lengths, r.sft_batch_size, r.sft_steps, seed, base.flops_per_token)
+    log("equal compute: " + ", ".join(f"{c} {plans[c]['steps']} steps {plans[c]['flops']:.3e} FLOPs" for c in CONDITIONS))
+    models, warm, flags = {}, {}, {}
+    for cond in CONDITIONS:
+        t = time.perf_counter()
+        models[cond], losses = sft_train(base, tok, rows[cond], plans[cond]["batches"], r, cfg.train, r.sft_lr,
+                                         out / f"sft_{cond}.jsonl", f"sft-{cond}")
+        timings[f"sft_{cond}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        warm[cond], flags[cond] = {}, {}
+        for name in tasks:
+            warm[cond][name], flags[cond][name] = accuracy_by_difficulty(models[cond], tok, sets[name]["eval"], max_new[name])
+        warm[cond]["final_loss"] = losses[-1]
+        timings[f"eval_{cond}"] = time.perf_counter() - t
+        log(f"SFT {cond}: {plans[cond]['steps']} steps, {plans[cond]['flops'] / 1e12:.3f} TFLOP, "
+            f"{timings[f'sft_{cond}']:.0f}s; accuracy " + ", ".join(f"{n} {warm[cond][n]['all']['accuracy']:.2f}" for n in tasks))
+    compute = {cond: {k: v for k, v in plans[cond].items() if k != "batches"} for cond in CONDITIONS}
+    compute["flops_ratio_answer_only_to_cot"] = plans["answer_only"]["flops"] / plans["cot"]["flops"]
+    compute["rows"] = {cond: len(rows[cond]) for cond in CONDITIONS}
+    compute["dropped_too_long"] = dropped
+
+    # 2. RL from the CoT warm start, per task
+    rl, policies = {}, {}
+    for name in r.rl_tasks or list(tasks):
+        t = time.perf_counter()
+        policies[name], rl[name] = rl_task(models["cot"], tok, sets[name], r, max_new[name], seed, out / f"rl_{name}.jsonl")
+        timings[f"rl_{name}"] = time.perf_counter() - t
+        log(f"RL {name}: held-out pass@1 {rl[name]['eval_pass@1'][0]:.3f} -> {rl[name]['eval_pass@1'][-1]:.3f} "
+            f"({timings[f'rl_{name}']:.0f}s)")
+
+    # 3. test-time compute
+    ttc_out = {}
+    for name in r.ttc_tasks or list(tasks):
+        t = time.perf_counter()
+        model = policies.get(name, models["cot"]) if r.ttc_from == "rl" else models["cot"]
+        problems = spread(sets[name]["eval"], r.ttc_problems)
+        prompts = [chat_prompt(tok, p) for p in problems]
+        answer_tokens = max(len(tok.encode(" " + p.answer)) for p in problems) + 4
+        budgets = sorted({min(b, max_new[name]) for b in r.thinking_budgets})
+        samples = ttc.sampled_answers(model, tok, problems, prompts, r.ttc_samples, r.ttc_temperature, max_new[name], seed)
+        ttc_out[name] = {"model": "rl" if r.ttc_from == "rl" and name in policies else "cot", "n_problems": len(problems),
+                         "budget": ttc.budget_curve(model, tok, problems, prompts, budgets, answer_tokens),
+                         "samples": ttc.sample_curves(samples, r.sample_counts)}
+        timings[f"ttc_{name}"] = time.perf_counter() - t
+        s = ttc_out[name]["samples"]
+        log(f"TTC {name}: majority {s['majority'][0]:.2f} -> {s['majority'][-1]:.2f}, "
+            f"best-of-N {s['best_of_n'][0]:.2f} -> {s['best_of_n'][-1]:.2f} ({timings[f'ttc_{name}']:.0f}s)")
+
+    # 4. tool use
+    tools_out = {}
+    if r.tool_tasks:
+        t = time.perf_counter()
+        trace_rows, skipped = [], {}
+        for name in r.tool_tasks:
+            got, skipped[name] = tools.tool_rows(tok, sets[name]["train"], lambda p: chat_prompt(tok, p))
+            trace_rows += [g for g in got if len(g[0]) <= block]
+        if not trace_rows:
+            raise ScalelabError(f"reasoning.tool_tasks {r.tool_tasks}: no problem has a prompt the calculator can compute")
+        batches = [b for _, b in zip(range(r.tool_sft_steps), batch_stream({"tools": [len(x[0]) for x in trace_rows]},
+                                                                             r.sft_batch_size, seed))]
+        tool_model, _ = sft_train(models["cot"], tok, trace_rows, batches, r, cfg.train, r.tool_lr,
+                                  out / "sft_tools.jsonl", "sft-tools")
+        for name in r.tool_tasks:
+            res = {}
+            for d, ps in sets[name]["eval"].items():
+                ps = ps[: r.tool_eval_per_difficulty]
+                prompts = [chat_prompt(tok, p) for p in ps]
+                res[str(d)] = {cond: sum(flags[cond][name][d][: len(ps)]) / len(ps) for cond in CONDITIONS}
+                for label, on in (("tool", True), ("tool_disabled", False)):
+                    acc = tools.tool_accuracy(tool_model, tok, ps, prompts, max_new[name], on)
+                    res[str(d)][label], res[str(d)][f"{label}_called"] = acc["accuracy"], acc["called"]
+                    res[str(d)].setdefault("examples", {})[label] = acc["examples"][:1]
+            tools_out[name] = res
+        tools_out["trace_rows"], tools_out["skipped_no_expression"] = len(trace_rows), skipped
+        timings["tools"] = time.perf_counter() - t
+        log(f"tools: {timings['tools']:.0f}s")
+
+    timings["total"] = time.perf_counter() - t0
+    result = {"reasoning": asdict(r), "seed": seed, "tokenizer": tok.kind, "model": asdict(base.config),
+              "params": base.num_params(), "compute": compute,
+              "data": {n: {"train": len(s["train"]), "eval_per_difficulty": r.eval_per_difficulty, "rl_pool": len(s["rl"]),
+                           "max_new_tokens": max_new[n]} for n, s in sets.items()},
+              "warm_start": warm, "rl": rl, "ttc": ttc_out, "tools": tools_out, "timings_seconds": timings}
+    common.write_json(out / "results.json", result)
+    (out / "summary.md").write_text(summary_markdown(result))
+    plot_warm_start(result, out / "warm_start.png")
+    if rl:
+        plot_rl(result, out / "rl.png")
+    if ttc_out:
+        ttc.plot_ttc(result["ttc"], out / "ttc_budget.png", out / "ttc_samples.png")
+    if r.tool_tasks:
+        tools.plot_tools(result["tools"], r.tool_tasks, out / "tools.png")
+    return result
+
+
+def summary_markdown(result: dict) -> str:
+    r, c = result["reasoning"], result["compute"]
+    lines = ["# Reasoning study", "",
+             f"Model: {result['params']:,} parameters ({result['model']['depth']} layers, width {result['model']['n_embd']}), "
+             f"{result['tokenizer']} tokenizer, seeded random init (seed {result['seed']}).", "",
+             "## Warm start at equal compute", "",
+             f"CoT SFT: {c['cot']['steps']} steps, {c['cot']['flops']:.3e} FLOPs; answer-only SFT: "
+             f"{c['answer_only']['steps']} steps, {c['answer_only']['flops']:.3e} FLOPs "
+             f"(ratio {c['flops_ratio_answer_only_to_cot']:.3f}). Batches of {r['sft_batch_size']} rows of one task, "
+             "padded to their longest row; FLOPs = rows x inputs x flops_per_token(inputs).", "",
+             "| task | difficulty | answer-only | CoT |", "|---|---|---|---|"]
+    w = result["warm_start"]
+    for name in r["tasks"]:
+        for d in [k for k in w["cot"][name] if k != "all"]:
+            lines.append(f"| {name} | {d} | {w['answer_only'][name][d]['accuracy']:.3f} | {w['cot'][name][d]['accuracy']:.3f} |")
+    if result["rl"]:
+        lines += ["", "## GRPO from the CoT warm start", "", "| task | held-out pass@1 before | after | rollout pass@1 first -> last |",
+                  "|---|---|---|---|"]
+        for name, h in result["rl"].items():
+            roll = [x for x in h["pass@1"] if x is not None]
+            roll_s = f"{roll[0]:.3f} -> {roll[-1]:.3f}" if roll else "n/a"
+            lines.append(f"| {name} | {h['eval_pass@1'][0]:.3f} | {h['eval_pass@1'][-1]:.3f} | {roll_s} |")
+    if result["ttc"]:
+        lines += ["", "## Test-time compute", "", "| task | budget -> accuracy | N | majority vote | verifier best-of-N |",
+                  "|---|---|---|---|---|"]
+        for name, t in result["ttc"].items():
+            b = ", ".join(f"{x}: {a:.2f}" for x, a in zip(t["budget"]["budget"], t["budget"]["accuracy"]))
+            s = t["samples"]
+            lines.append(f"| {name} | {b} | {', '.join(map(str, s['n']))} | "
+                         f"{', '.join(f'{x:.2f}' for x in s['majority'])} | {', '.join(f'{x:.2f}' for x in s['best_of_n'])} |")
+    if result["tools"]:
+        lines += ["", "## Tool use (arithmetic)", "",
+                  "| task | difficulty | answer-only | CoT | tool SFT + calculator | tool SFT, calculator refused |",
+                  "|---|---|---|---|---|---|"]
+        for name in r["tool_tasks"]:
+            for d, m in result["tools"][name].items():
+                lines.append(f"| {name} | {d} | {m['answer_only']:.3f} | {m['cot']:.3f} | {m['tool']:.3f} | {m['tool_disabled']:.3f} |")
+    t = result["timings_seconds"]
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+def _task_axes(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def plot_warm_start(result: dict, path: Path) -> None:
+    """Accuracy against difficulty, one line per SFT condition, one panel per task."""
+    from scalelab.evals.plots import save_figure
+
+    names = result["reasoning"]["tasks"]
+    fig, axes = _task_axes(len(names))
+    labels = {"answer_only": "SFT answer only", "cot": "SFT chain of thought"}
+    for ax, name in zip(axes, names):
+        for cond, style in (("answer_only", "s--"), ("cot", "o-")):
+            acc = result["warm_start"][cond][name]
+            ds = [d for d in acc if d != "all"]
+            ax.plot([int(d) for d in ds], [acc[d]["accuracy"] for d in ds], style, label=labels[cond])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(name)
+        ax.set_xlabel("difficulty")
+        ax.set_ylabel("accuracy (greedy)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=7)
+    c = result["compute"]
+    save_figure(fig, path, f"Warm start at equal compute ({c['cot']['flops']:.2e} vs {c['answer_only']['flops']:.2e} FLOPs)")
+
+
+def plot_rl(result: dict, path: Path) -> None:
+    """pass@1 against GRPO step: rollouts (sampled) and held-out problems (greedy), one panel per task."""
+    from scalelab.evals.plots import save_figure
+
+    fig, axes = _task_axes(len(result["rl"]))
+    for ax, (name, h) in zip(axes, result["rl"].items()):
+        pts = [(s, p) for s, p in zip(h["step"], h["pass@1"]) if p is not None]
+        if pts:
+            ax.plot([s for s, _ in pts], [p for _, p in pts], alpha=0.5, label="rollout pass@1 (sampled)")
+        ax.plot(h["eval_step"], h["eval_pass@1"], "o-", label="held-out pass@1 (greedy)")
+        ax.set_title(name)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("pass@1")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=7)
+    save_figure(fig, path, "GRPO from the chain-of-thought warm start")
+
+
+def run_cli(args) -> None:
+    from scalelab.experiments.commands import load_experiment_config
+
+    cfg, r = load_experiment_config(args.config, args.overrides, SECTION, ReasoningConfig)
+    result = run_reasoning(cfg, r, overwrite=args.overwrite)
+    print(summary_markdown(result))
+    print(f"results: {Path(r.out_dir) / 'summary.md'}, {Path(r.out_dir) / 'results.json'}")
