@@ -65,6 +65,9 @@ class ReasoningConfig:
     temperature: float = 0.8
     rl_eval_every: int = 5
     rl_eval_problems: int = 48  # held-out problems per task, spread over its difficulties
+    # pass@1 as the mean over this many samples per held-out problem at the RL temperature (0: greedy only);
+    # the same seeds at every evaluation, so the curve moves only because the policy does
+    rl_eval_samples: int = 8
     reward_correct: float = 1.0
     reward_formatted: float = 0.1
     reward_wrong: float = 0.0
@@ -105,8 +108,9 @@ def validate(r: ReasoningConfig) -> dict:
         (r.train_per_difficulty >= 1 and r.eval_per_difficulty >= 1, "train_per_difficulty and eval_per_difficulty >= 1"),
         (r.sft_steps >= 1 and r.sft_batch_size >= 1 and r.sft_lr > 0 and r.sft_warmup_steps >= 0,
          "sft_steps, sft_batch_size, sft_lr must be positive, sft_warmup_steps >= 0"),
-        (r.rl_steps >= 0 and r.rl_prompts >= 1 and r.group_size >= 2 and r.rl_eval_every >= 1 and r.rl_eval_problems >= 1,
-         "rl_steps >= 0, rl_prompts >= 1, group_size >= 2, rl_eval_every and rl_eval_problems >= 1"),
+        (r.rl_steps >= 0 and r.rl_prompts >= 1 and r.group_size >= 2 and r.rl_eval_every >= 1 and r.rl_eval_problems >= 1
+         and r.rl_eval_samples >= 0,
+         "rl_steps >= 0, rl_prompts >= 1, group_size >= 2, rl_eval_every and rl_eval_problems >= 1, rl_eval_samples >= 0"),
         (r.rl_lr > 0 and r.kl_coef >= 0 and r.clip >= 0 and r.temperature > 0, "rl_lr and temperature > 0, kl_coef and clip >= 0"),
         (r.loss_norm in ("token", "sequence"), "loss_norm must be 'token' or 'sequence'"),
         (r.reward_wrong < r.reward_correct, "reward_wrong must be below reward_correct"),
@@ -270,6 +274,22 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return [o.text for o in outs]
 
 
+def sampled_pass_at_1(model, tokenizer, problems: list, max_new_tokens: int, n: int, temperature: float,
+                      seed: int) -> float:
+    """Mean correctness of ``n`` samples per problem at ``temperature``: pass@1 of the sampling policy."""
+    from scalelab.infer.chat import chat_stop_ids
+    from scalelab.infer.engine import Engine, GenerationParams
+    from scalelab.tasks.answer_format import verify
+
+    engine = Engine(model, tokenizer, max_batch=max(1, min(128, len(problems) * n)))
+    reqs = [engine.submit(chat_prompt(tokenizer, p), GenerationParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed * 7919 + i, n=n,
+        stop_token_ids=chat_stop_ids(tokenizer))) for i, p in enumerate(problems)]
+    while not all(r.done for r in reqs):
+        engine.step()
+    return sum(verify(p, c.text)["correct"] for p, r in zip(problems, reqs) for c in r.wait()) / (len(problems) * n)
+
+
 def verified(model, tokenizer, problems: list, max_new_tokens: int) -> list[dict]:
     from scalelab.tasks.answer_format import verify
 
@@ -320,12 +340,15 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
     held = spread(sets["eval"], r.rl_eval_problems)
     rng = random.Random(f"reasoning-rl-{seed}")
     hist = {"step": [], "reward": [], "pass@1": [], "response_length": [], "kl": [], "entropy": [],
-            "eval_step": [], "eval_pass@1": [], "ignored_options": ignored}
+            "eval_step": [], "eval_pass@1": [], "eval_sampled_pass@1": [], "ignored_options": ignored}
 
     def evaluate(step):
         v = verified(policy, tokenizer, held, max_new_tokens)
         hist["eval_step"].append(step)
         hist["eval_pass@1"].append(sum(x["correct"] for x in v) / len(v))
+        if r.rl_eval_samples > 0:
+            hist["eval_sampled_pass@1"].append(sampled_pass_at_1(policy, tokenizer, held, max_new_tokens,
+                                                                 r.rl_eval_samples, r.temperature, seed))
 
     evaluate(0)
     with open(log_path, "w", encoding="utf-8") as log:
@@ -415,8 +438,10 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
         t = time.perf_counter()
         policies[name], rl[name] = rl_task(models["cot"], tok, sets[name], r, max_new[name], seed, out / f"rl_{name}.jsonl")
         timings[f"rl_{name}"] = time.perf_counter() - t
-        log(f"RL {name}: held-out pass@1 {rl[name]['eval_pass@1'][0]:.3f} -> {rl[name]['eval_pass@1'][-1]:.3f} "
-            f"({timings[f'rl_{name}']:.0f}s)")
+        sampled = rl[name]["eval_sampled_pass@1"]
+        log(f"RL {name}: held-out pass@1 greedy {rl[name]['eval_pass@1'][0]:.3f} -> {rl[name]['eval_pass@1'][-1]:.3f}"
+            + (f", sampled {sampled[0]:.3f} -> {sampled[-1]:.3f} " if sampled else " ")
+            + f"({timings[f'rl_{name}']:.0f}s)")
 
     # 3. test-time compute
     ttc_out = {}
@@ -499,12 +524,15 @@ def summary_markdown(result: dict) -> str:
         for d in [k for k in w["cot"][name] if k != "all"]:
             lines.append(f"| {name} | {d} | {w['answer_only'][name][d]['accuracy']:.3f} | {w['cot'][name][d]['accuracy']:.3f} |")
     if result["rl"]:
-        lines += ["", "## GRPO from the CoT warm start", "", "| task | held-out pass@1 before | after | rollout pass@1 first -> last |",
-                  "|---|---|---|---|"]
+        lines += ["", "## GRPO from the CoT warm start", "",
+                  "| task | held-out pass@1, sampled: before -> after | greedy: before -> after | "
+                  "rollout pass@1, mean of first 5 -> last 5 steps |", "|---|---|---|---|"]
         for name, h in result["rl"].items():
             roll = [x for x in h["pass@1"] if x is not None]
-            roll_s = f"{roll[0]:.3f} -> {roll[-1]:.3f}" if roll else "n/a"
-            lines.append(f"| {name} | {h['eval_pass@1'][0]:.3f} | {h['eval_pass@1'][-1]:.3f} | {roll_s} |")
+            roll_s = f"{sum(roll[:5]) / len(roll[:5]):.3f} -> {sum(roll[-5:]) / len(roll[-5:]):.3f}" if roll else "n/a"
+            sp = h.get("eval_sampled_pass@1") or []
+            sp_s = f"{sp[0]:.3f} -> {sp[-1]:.3f}" if sp else "n/a"
+            lines.append(f"| {name} | {sp_s} | {h['eval_pass@1'][0]:.3f} -> {h['eval_pass@1'][-1]:.3f} | {roll_s} |")
     if result["ttc"]:
         lines += ["", "## Test-time compute", "", "| task | budget -> accuracy | N | majority vote | verifier best-of-N |",
                   "|---|---|---|---|---|"]
@@ -566,7 +594,9 @@ def plot_rl(result: dict, path: Path) -> None:
         pts = [(s, p) for s, p in zip(h["step"], h["pass@1"]) if p is not None]
         if pts:
             ax.plot([s for s, _ in pts], [p for _, p in pts], alpha=0.5, label="rollout pass@1 (sampled)")
-        ax.plot(h["eval_step"], h["eval_pass@1"], "o-", label="held-out pass@1 (greedy)")
+        if h.get("eval_sampled_pass@1"):
+            ax.plot(h["eval_step"], h["eval_sampled_pass@1"], "s-", label="held-out pass@1 (sampled)")
+        ax.plot(h["eval_step"], h["eval_pass@1"], "o--", label="held-out pass@1 (greedy)")
         ax.set_title(name)
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("pass@1")
