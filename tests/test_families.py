@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from posttrain_util import one_thread  # noqa: F401 (autouse fixture)
+
 from scalelab.cli import main
 from scalelab.errors import ScalelabError
 from scalelab.experiments import families as study
@@ -19,12 +21,6 @@ TINY = GPTConfig(depth=2, n_embd=32, head_dim=16, block_size=16)
 V = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _random_weights(model: GPT) -> GPT:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -302,12 +301,10 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     from scalelab.runtime import resolve_device, seed_everything
 
     validate(a)
-    out = Path(a.out_dir)
-    if (out / "results.json").exists() and not overwrite:
-        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from scalelab.experiments.base_run import open_study_folder
+
+    # The base lives inside this folder without a recipe fingerprint, so --overwrite retrains it.
+    out = open_study_folder(a.out_dir, overwrite, keep_base=False)
     t0 = time.perf_counter()
     timings = {}
     seed = cfg.run.seed

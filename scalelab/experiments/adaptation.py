@@ -194,17 +194,12 @@ HEAD_METRIC = {"sequence": "accuracy", "token": "name_f1", "span": "exact_match"
 
 def run_adaptation(cfg, a: AdaptationConfig, overwrite: bool = False, log=print) -> dict:
     from scalelab.adapt import data
-    from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base
+    from scalelab.experiments.base_run import ensure_base, open_study_folder
     from scalelab.posttrain import common
     from scalelab.runtime import resolve_device, seed_everything
 
     validate(a)
-    out = Path(a.out_dir)
-    if (out / "results.json").exists() and not overwrite:
-        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
-    if overwrite:
-        clear_outputs_keep_base(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_study_folder(a.out_dir, overwrite)
     seed = cfg.run.seed
     seed_everything(seed)
     t0 = time.perf_counter()

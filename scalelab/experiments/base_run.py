@@ -62,3 +62,17 @@ def clear_outputs_keep_base(out: str | Path) -> None:
     for child in out.iterdir():
         if child.name != "base":
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def open_study_folder(out_dir: str | Path, overwrite: bool, keep_base: bool = True) -> Path:
+    """A study's output folder, ready to write: finished results are never replaced unasked, and what an
+    earlier (finished or crashed) run left is cleared, keeping the cached base unless ``keep_base`` is off."""
+    out = Path(out_dir)
+    if (out / "results.json").exists() and not overwrite:
+        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
+    if keep_base:
+        clear_outputs_keep_base(out)
+    elif out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

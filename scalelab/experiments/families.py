@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -340,12 +339,9 @@ def run_families(cfg, a: FamiliesConfig, overwrite: bool = False, log=print) -> 
     if cfg.data.source != "world":
         raise ScalelabError("the families study needs the synthetic world: set data.source = 'world'")
     cfg.model.validate()
-    out = Path(a.out_dir)
-    if (out / "results.json").exists() and not overwrite:
-        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from scalelab.experiments.base_run import open_study_folder
+
+    out = open_study_folder(a.out_dir, overwrite, keep_base=False)
     t_start = time.perf_counter()
     seed = cfg.run.seed
     data = prepare(replace(cfg, run=replace(cfg.run, out_dir=str(out / "data"))), out / "data")

@@ -374,17 +374,13 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
 def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -> dict:
     from scalelab.experiments import reasoning_tools as tools
     from scalelab.experiments import reasoning_ttc as ttc
-    from scalelab.experiments.base_run import clear_outputs_keep_base
+    from scalelab.experiments.base_run import open_study_folder
     from scalelab.model.gpt import GPT
     from scalelab.posttrain import common
     from scalelab.runtime import resolve_device, seed_everything
 
     tasks = validate(r)
-    out = Path(r.out_dir)
-    if (out / "results.json").exists() and not overwrite:
-        raise ScalelabError(f"{out} already holds results.json; pass --overwrite to run again")
-    clear_outputs_keep_base(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_study_folder(r.out_dir, overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     seed = cfg.run.seed
