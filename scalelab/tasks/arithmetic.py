@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from scalelab.data.generators import Example, register
-from scalelab.tasks.base import Problem, ReasoningTask, as_examples, parse_int
+from scalelab.tasks.base import Problem, ReasoningTask, as_examples, operand_text, parse_int, render_expression
 
 
 def _operand(rng: random.Random, digits: int) -> int:
@@ -82,27 +82,7 @@ def multiplication_steps(a: int, b: int) -> str:
 # -- expressions --------------------------------------------------------------------------------------
 # A tree is an int (a leaf) or a tuple (op, left, right).
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 _APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
-
-
-def render_expression(tree) -> str:
-    """Infix text with only the parentheses needed to read back the same tree (a right operand of
-    equal precedence is bracketed, so "2 - (3 + 4)" and "2 + (3 + 4)" keep their shape)."""
-    if isinstance(tree, int):
-        return _operand_text(tree)
-    op, left, right = tree
-    left_text, right_text = render_expression(left), render_expression(right)
-    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
-        left_text = f"({left_text})"
-    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
-        right_text = f"({right_text})"
-    return f"{left_text} {op} {right_text}"
-
-
-def _operand_text(value: int) -> str:
-    # A negative intermediate is bracketed: "12 - (-4)", not "12 - -4".
-    return f"({value})" if value < 0 else str(value)
 
 
 def _reduce_leftmost(tree):
@@ -111,7 +91,7 @@ def _reduce_leftmost(tree):
     op, left, right = tree
     if isinstance(left, int) and isinstance(right, int):
         value = _APPLY[op](left, right)
-        return value, f"{_operand_text(left)} {op} {_operand_text(right)} = {value}"
+        return value, f"{operand_text(left)} {op} {operand_text(right)} = {value}"
     if not isinstance(left, int):
         new_left, step = _reduce_leftmost(left)
         return (op, new_left, right), step

@@ -85,3 +85,27 @@ def parse_int(text: str) -> int | None:
     if not body or len(body) > 40 or not body.isascii() or not body.isdigit():
         return None
     return int(text)
+
+
+# Precedence of every operator a task writes; expressions and countdown share one renderer.
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def render_expression(tree) -> str:
+    """Infix text of ``tree`` (an int, or (op, left, right)) with only the parentheses needed to read
+    back the same tree (a right operand of equal precedence is bracketed, so "2 - (3 + 4)" and
+    "2 + (3 + 4)" keep their shape)."""
+    if isinstance(tree, int):
+        return operand_text(tree)
+    op, left, right = tree
+    left_text, right_text = render_expression(left), render_expression(right)
+    if not isinstance(left, int) and PRECEDENCE[left[0]] < PRECEDENCE[op]:
+        left_text = f"({left_text})"
+    if not isinstance(right, int) and PRECEDENCE[right[0]] <= PRECEDENCE[op]:
+        right_text = f"({right_text})"
+    return f"{left_text} {op} {right_text}"
+
+
+def operand_text(value: int) -> str:
+    # A negative intermediate is bracketed: "12 - (-4)", not "12 - -4".
+    return f"({value})" if value < 0 else str(value)

@@ -15,9 +15,8 @@ import warnings
 from collections import Counter
 
 from scalelab.data.generators import Example, register
-from scalelab.tasks.base import Problem, ReasoningTask, as_examples, parse_int
+from scalelab.tasks.base import Problem, ReasoningTask, as_examples, parse_int, render_expression
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _MAX_NUMBER, _MAX_TARGET = 12, 999
 _MAX_ANSWER_CHARS = 200  # far longer than any honest answer; keeps the parser's work bounded
@@ -34,19 +33,6 @@ def apply(op: str, a: int, b: int) -> int | None:
     if b == 0 or a % b:
         return None
     return a // b
-
-
-def _render(tree) -> str:
-    # tree: an int, or (op, left, right); bracket only what reading back needs (as in arithmetic.py).
-    if isinstance(tree, int):
-        return str(tree)
-    op, left, right = tree
-    left_text, right_text = _render(left), _render(right)
-    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
-        left_text = f"({left_text})"
-    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
-        right_text = f"({right_text})"
-    return f"{left_text} {op} {right_text}"
 
 
 def _random_combination(rng: random.Random, numbers: list[int]):
@@ -88,7 +74,7 @@ class CountdownTask(ReasoningTask):
                 tries.append(", ".join(tried) + ", no")
         thinking = "\n".join(tries + [", ".join(steps) + ", yes"])
         listed = " ".join(map(str, numbers))
-        solution = _render(tree)
+        solution = render_expression(tree)
         return Problem(self.name, f"Use {listed} to make {target} (+ - * /, each number at most once).",
                        solution, thinking, difficulty, {"numbers": numbers, "target": target, "solution": solution})
 
