@@ -89,18 +89,12 @@ def _cmd_pretrain(args) -> None:
     stages = () if args.skip_eval else ("eval", "sample", "report")
     summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, stages=stages)
     if "eval" in summary:
+        from scalelab.evals.commands import print_eval
+
         print_eval(summary["eval"])
     for s in summary.get("samples", []):
         print(f"\n--- sample ---\n{s['prompt']}{s['completion']}")
     print(f"\nrun folder: {cfg.run.out_dir}")
-
-
-def print_eval(ev: dict) -> None:
-    print(f"val loss {ev['val_loss']:.4f} nats/token | val bpb {ev['val_bpb']:.4f} | "
-          f"{ev['ngram_order']}-gram KN bpb {ev['ngram_val_bpb']:.4f} "
-          f"({100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits than the baseline)")
-    for name, t in ev.get("tasks", {}).items():
-        print(f"  {name}: exact match {t['accuracy']:.3f} (n={t['n']})")
 
 
 def _cmd_sample(args) -> None:

@@ -42,7 +42,6 @@ def _run(args) -> None:
     if not args.run_dir:
         raise ScalelabError("eval needs a RUN_DIR (or --list-tasks)")
     if args.tasks is None and not args.probes:
-        from scalelab.cli import print_eval
         from scalelab.pipeline import evaluate, load_run_config
 
         cfg = load_run_config(args.run_dir, args.overrides)
@@ -82,3 +81,12 @@ def run_harness(args) -> dict:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"results: {args.out}")
     return result
+
+
+def print_eval(ev: dict) -> None:
+    """The summary of the classic evaluation (``scalelab eval RUN_DIR`` and the end of ``pretrain``)."""
+    print(f"val loss {ev['val_loss']:.4f} nats/token | val bpb {ev['val_bpb']:.4f} | "
+          f"{ev['ngram_order']}-gram KN bpb {ev['ngram_val_bpb']:.4f} "
+          f"({100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits than the baseline)")
+    for name, t in ev.get("tasks", {}).items():
+        print(f"  {name}: exact match {t['accuracy']:.3f} (n={t['n']})")
