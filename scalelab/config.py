@@ -115,6 +115,9 @@ class ScalingConfig:
     fit_max_flops: float = 0.0  # predict: fit only on runs with C <= this (0: all but the target)
     predict_depth: int = 0  # predict: the big run to forecast, then train
     predict_tokens: int = 0
+    # predict: functional forms to forecast with (chinchilla, kaplan); with several, the mean and the
+    # envelope of their intervals
+    forecast_forms: list[str] = field(default_factory=lambda: ["chinchilla"])
 
 
 @dataclass

@@ -590,6 +590,8 @@ def summarize(*fits, digits: int = 4) -> str:
             for r in fit.table:
                 lines.append(f"| {r['budget']:.3g} | {r['n_runs']} | {_g(r['N_opt'], 3)} | {_g(r['D_opt'], 3)} | "
                              f"{_g(r['loss_opt'], digits)} | {'yes' if r['used'] else 'no'} | {r['note']} |")
+        elif hasattr(fit, "markdown"):  # forms that live in their own module (kaplan.py)
+            lines = fit.markdown(digits)
         else:
             raise ScalelabError(f"summarize() takes scaling fits, got {type(fit).__name__}")
         parts.append("\n".join(lines))

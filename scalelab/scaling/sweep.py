@@ -129,6 +129,9 @@ def _prepare_shared(cfg: Config) -> PreparedData:
     return prepare(cfg, Path(cfg.scaling.out_dir) / "shared")
 
 
+FINISHED_ROW = "row.json"  # a finished run's results row, next to its metrics
+
+
 def train_one(cfg: Config, spec: RunSpec, data: PreparedData, run_dir: Path) -> dict:
     """Train one sweep run from scratch and measure its final loss on the whole validation split."""
     run_cfg = copy.deepcopy(cfg)
@@ -158,12 +161,14 @@ def train_one(cfg: Config, spec: RunSpec, data: PreparedData, run_dir: Path) -> 
     n_total, n_non_emb = m.num_params(), m.num_params(include_embeddings=False)
     n = n_total if cfg.scaling.count_embeddings else n_non_emb
     d_tokens = steps * _tokens_per_step(cfg)
-    return {
+    row = {
         "name": spec.name, "depth": spec.depth, "n_embd": m.config.n_embd, "N": n, "N_total": n_total,
         "N_non_embedding": n_non_emb, "D": d_tokens, "C": float(m.flops_per_token() * d_tokens),
         "C_6ND": float(6 * n * d_tokens), "budget": spec.budget, "steps": steps, "loss": loss,
         "best_val_loss": min(loss, result.best_val_loss), "wall_seconds": wall,
     }
+    (run_dir / FINISHED_ROW).write_text(json.dumps(row, indent=2, default=float))
+    return row
 
 
 def run_sweep(cfg: Config, progress: bool = True) -> list[dict]:
@@ -225,10 +230,40 @@ def fit_sweep(cfg: Config, rows: list[dict] | None = None) -> dict:
     return report
 
 
+FORECAST_FORMS = ("chinchilla", "kaplan")
+
+
+def _fit_form(form: str, rows: list[dict], cfg: Config):
+    from scalelab.scaling import fit_chinchilla
+    from scalelab.scaling.kaplan import fit_kaplan
+
+    fitter = {"chinchilla": fit_chinchilla, "kaplan": fit_kaplan}[form]
+    return fitter(rows, n_bootstrap=cfg.scaling.n_bootstrap, seed=cfg.run.seed)
+
+
+def forecast(cfg: Config, fit_rows: list[dict], n: float, d_tokens: float) -> dict:
+    """Each form's point forecast and 95% bootstrap interval, and their combination.
+
+    With several forms the forecast is their mean and the interval spans all of their intervals:
+    the choice of functional form is itself uncertain, and a bootstrap within one form cannot see that.
+    """
+    forms = list(cfg.scaling.forecast_forms)
+    if not forms or any(f not in FORECAST_FORMS for f in forms):
+        raise ScalelabError(f"scaling.forecast_forms must be a non-empty subset of {list(FORECAST_FORMS)}, got {forms}")
+    per_form = {}
+    for form in forms:
+        fit = _fit_form(form, fit_rows, cfg)
+        lo, hi = (float(v) for v in fit.predict_interval(n, d_tokens))
+        per_form[form] = {"predicted_loss": float(fit.predict(n, d_tokens)), "interval_95": [lo, hi],
+                          "fit": fit.to_dict()}
+    predicted = sum(f["predicted_loss"] for f in per_form.values()) / len(per_form)
+    lo = min(f["interval_95"][0] for f in per_form.values())
+    hi = max(f["interval_95"][1] for f in per_form.values())
+    return {"predicted_loss": predicted, "interval_95": [lo, hi], "forms": per_form}
+
+
 def predict_then_verify(cfg: Config) -> dict:
     """Fit on runs up to scaling.fit_max_flops, forecast the target run, write the forecast, then run it."""
-    from scalelab.scaling import fit_chinchilla
-
     s = cfg.scaling
     if s.predict_depth < 1 or s.predict_tokens < 1:
         raise ScalelabError("scaling.predict_depth and scaling.predict_tokens must name the run to forecast")
@@ -244,33 +279,52 @@ def predict_then_verify(cfg: Config) -> dict:
     n = model.num_params(include_embeddings=cfg.scaling.count_embeddings)
     c_target = float(model.flops_per_token() * d_tokens)
     c_max = max(r["C"] for r in fit_rows)
-    fit = fit_chinchilla(fit_rows, n_bootstrap=s.n_bootstrap, seed=cfg.run.seed)
-    predicted = float(fit.predict(n, d_tokens))
-    lo, hi = (float(v) for v in fit.predict_interval(n, d_tokens))
-    forecast = {
-        "target": {"depth": s.predict_depth, "N": n, "D": d_tokens, "C": c_target},
+    spec = RunSpec(f"predict_d{s.predict_depth}_t{s.predict_tokens}", s.predict_depth, s.predict_tokens)
+    result = {
+        "target": {"name": spec.name, "depth": s.predict_depth, "N": n, "D": d_tokens, "C": c_target},
         "fit_runs": len(fit_rows), "fit_max_C": c_max, "compute_ratio": c_target / c_max,
-        "predicted_loss": predicted, "interval_95": [lo, hi], "fit": fit.to_dict(),
+        **forecast(cfg, fit_rows, n, d_tokens),
         "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    # The forecast is on disk before the big run starts: it cannot be adjusted after the fact.
-    (out / "prediction.json").write_text(json.dumps(forecast, indent=2, default=float))
-    spec = RunSpec(f"predict_d{s.predict_depth}_t{s.predict_tokens}", s.predict_depth, s.predict_tokens)
-    row = train_one(cfg, spec, data, out / "runs" / spec.name)
-    forecast["actual_loss"] = row["loss"]
-    forecast["relative_error"] = abs(predicted - row["loss"]) / row["loss"]
-    forecast["actual_inside_interval"] = lo <= row["loss"] <= hi
-    forecast["target_run"] = row
-    (out / "prediction.json").write_text(json.dumps(forecast, indent=2, default=float))
-    return forecast
+    # The forecast is on disk before the big run starts: it cannot be adjusted after the fact. Each
+    # target keeps its own file, so an earlier forecast is never overwritten by a later one.
+    paths = [out / "predictions" / f"{spec.name}.json", out / "prediction.json"]
+    paths[0].parent.mkdir(exist_ok=True)
+    for p in paths:
+        p.write_text(json.dumps(result, indent=2, default=float))
+    finished = out / "runs" / spec.name / FINISHED_ROW
+    if finished.is_file():
+        # The target already ran: this forecast was written after its loss existed. Still useful to
+        # compare forecasting methods on a known run, but it is a backtest, and it says so.
+        row = json.loads(finished.read_text())
+        result["backtest"] = True
+    else:
+        row = train_one(cfg, spec, data, out / "runs" / spec.name)
+        result["backtest"] = False
+    lo, hi = result["interval_95"]
+    result["actual_loss"] = row["loss"]
+    result["relative_error"] = abs(result["predicted_loss"] - row["loss"]) / row["loss"]
+    result["actual_inside_interval"] = lo <= row["loss"] <= hi
+    for f in result["forms"].values():
+        f["relative_error"] = abs(f["predicted_loss"] - row["loss"]) / row["loss"]
+    result["target_run"] = row
+    for p in paths:
+        p.write_text(json.dumps(result, indent=2, default=float))
+    return result
 
 
 def describe_forecast(f: dict) -> str:
     lo, hi = f["interval_95"]
+    forms = "".join(
+        f"\n  {name}: {g['predicted_loss']:.4f} ({g['interval_95'][0]:.4f}-{g['interval_95'][1]:.4f})"
+        + (f", error {100 * g['relative_error']:.2f}%" if "relative_error" in g else "")
+        for name, g in f.get("forms", {}).items()
+    )
     return (
         f"fit on {f['fit_runs']} runs with C <= {f['fit_max_C']:.3g} FLOPs; target N={f['target']['N']:,} "
         f"D={f['target']['D']:,} C={f['target']['C']:.3g} ({f['compute_ratio']:.1f}x)\n"
         f"predicted loss {f['predicted_loss']:.4f} (95% interval {lo:.4f}-{hi:.4f}); "
         f"actual {f['actual_loss']:.4f}; relative error {100 * f['relative_error']:.2f}%; "
         f"inside interval: {f['actual_inside_interval']}"
+        + ("\n(backtest: the target had run before this forecast was written)" if f.get("backtest") else "") + forms
     )
