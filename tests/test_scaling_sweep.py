@@ -1,5 +1,7 @@
 """The sweep runner: plans, resume after a partial or crashed sweep, and clear errors."""
 
+import json
+
 import pytest
 
 from conftest import tiny_overrides
@@ -90,3 +92,43 @@ def test_shakespeare_preset_sweeps_and_fits(tmp_path):
     assert len(rows) == 9 and all(r["loss"] > 0 for r in rows)
     report = sweep.fit_sweep(cfg)
     assert report["n_runs"] == 9 and (tmp_path / "sweep" / "fit_chinchilla.png").is_file()
+    assert "kaplan" in report and "Kaplan fit" in (tmp_path / "sweep" / "fit.md").read_text()
+
+
+def test_predict_writes_the_forecast_before_training_then_backtests(tmp_path, monkeypatch):
+    cfg = sweep_cfg(tmp_path, "scaling.depths=[1, 2, 3]", "scaling.tokens=[512, 1024, 2048]",
+                    "scaling.predict_depth=4", "scaling.predict_tokens=2048",
+                    'scaling.forecast_forms=["chinchilla", "kaplan"]')
+    sweep.run_sweep(cfg, progress=False)
+    out = tmp_path / "sweep"
+    real, seen = sweep.train_one, []
+
+    def train_one(*a, **k):
+        seen.append(json.loads((out / "predictions" / "predict_d4_t2048.json").read_text()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep, "train_one", train_one)
+    f = sweep.predict_then_verify(cfg)
+    assert len(seen) == 1 and "actual_loss" not in seen[0]  # on disk, without the answer, before the run
+    assert seen[0]["predicted_loss"] == f["predicted_loss"] and f["backtest"] is False
+    forms = f["forms"]
+    assert set(forms) == {"chinchilla", "kaplan"}
+    assert f["predicted_loss"] == pytest.approx((forms["chinchilla"]["predicted_loss"] + forms["kaplan"]["predicted_loss"]) / 2)
+    assert f["interval_95"][0] == min(g["interval_95"][0] for g in forms.values())
+    assert f["interval_95"][1] == max(g["interval_95"][1] for g in forms.values())
+    assert f["relative_error"] == pytest.approx(abs(f["predicted_loss"] - f["actual_loss"]) / f["actual_loss"])
+    assert "kaplan" in sweep.describe_forecast(f)
+
+    # the target has run: a second forecast reuses it and is labelled a backtest, not a prediction
+    again = sweep.predict_then_verify(cfg)
+    assert len(seen) == 1 and again["backtest"] is True and again["actual_loss"] == f["actual_loss"]
+    assert "backtest" in sweep.describe_forecast(again)
+
+
+def test_unknown_forecast_form_is_a_clear_error(tmp_path):
+    cfg = sweep_cfg(tmp_path, "scaling.depths=[1, 2, 3]", "scaling.tokens=[512, 1024, 2048]",
+                    "scaling.predict_depth=4", "scaling.predict_tokens=2048", 'scaling.forecast_forms=["kaplan", "ols"]')
+    sweep.run_sweep(cfg, progress=False)
+    with pytest.raises(ScalelabError, match="forecast_forms"):
+        sweep.predict_then_verify(cfg)
+    assert not (tmp_path / "sweep" / "prediction.json").exists()

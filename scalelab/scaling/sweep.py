@@ -213,6 +213,10 @@ def fit_sweep(cfg: Config, rows: list[dict] | None = None) -> dict:
     fits = [chin]
     report = {"chinchilla": chin.to_dict(), "n_runs": len(rows)}
     plot_chinchilla_fit(rows, chin, out / "fit_chinchilla.png")
+    if "kaplan" in cfg.scaling.forecast_forms:
+        kap = _fit_form("kaplan", rows, cfg)
+        fits.append(kap)
+        report["kaplan"] = kap.to_dict()
     try:
         power = fit_power_law_frontier(rows)
         fits.append(power)
