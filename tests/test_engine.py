@@ -210,3 +210,21 @@ def test_compiled_decode_falls_back_to_eager_when_compiling_fails():
     with pytest.warns(UserWarning, match="decoding eagerly"):
         got = engine.generate(PROMPTS[:2], params)
     assert not engine.compiled and [c.tokens for c in got] == [c.tokens for c in want]
+
+
+def test_incremental_text_equals_a_full_decode_with_split_multibyte_characters():
+    """Each step decodes only the tokens since the last character boundary; the text must not differ."""
+    from scalelab.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, depth=1, aspect_ratio=32, head_dim=16)).eval()
+    eng = Engine(model, tok, max_batch=4)
+    # random bytes at temperature 1.5: incomplete and invalid UTF-8 sequences, and whole multi-byte characters
+    prompt = tok.encode("héllo wörld ✓ ", add_bos=True)
+    params = GenerationParams(max_new_tokens=40, temperature=1.5, seed=3, n=4, stop_token_ids=())
+    for c in eng.generate([prompt], params):
+        assert c.text == tok.decode(c.tokens)
+    events = list(eng.stream(prompt, params))
+    final = eng.generate([prompt], params)
+    assert "".join(e.text for e in events if e.index == 0) == final[0].text == tok.decode(final[0].tokens)

@@ -157,6 +157,10 @@ class _Seq:
     stop_logprob: float | None = None
     pending: int | None = None  # last sampled token, not yet in the cache
     sent: int = 0  # characters of text already streamed
+    # text of tokens[:decoded], which ends on a character boundary: each step decodes only the tokens
+    # after it, so a step costs the same at token 1000 as at token 10 (a full decode each step is O(n))
+    decoded_text: str = ""
+    decoded: int = 0
 
 
 # freezing: weights become constants, so linear layers use prepacked weights. (cpp.enable_concat_linear,
@@ -451,7 +455,7 @@ class Engine:
             seq.tokens.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
-        text = self.tokenizer.decode(seq.tokens)
+        text = self._text(seq)
         if p.stop_strings:
             cut = cut_at_stop(text, p.stop_strings)
             if len(cut) < len(text):
@@ -470,6 +474,14 @@ class Engine:
             seq.logprobs if p.logprobs else None, seq.stop_logprob,
         )
         self._release(seq)
+
+    def _text(self, seq: _Seq) -> str:
+        tail = self.tokenizer.decode(seq.tokens[seq.decoded :])
+        if tail.endswith("\ufffd"):  # a multi-byte character still split across tokens: provisional
+            return seq.decoded_text + tail
+        seq.decoded_text += tail
+        seq.decoded = len(seq.tokens)
+        return seq.decoded_text
 
     def _release(self, seq: _Seq) -> None:
         self._running.remove(seq)
