@@ -117,7 +117,7 @@ def test_predict_writes_the_forecast_before_training_then_backtests(tmp_path, mo
     assert f["interval_95"][0] == min(g["interval_95"][0] for g in forms.values())
     assert f["interval_95"][1] == max(g["interval_95"][1] for g in forms.values())
     assert f["relative_error"] == pytest.approx(abs(f["predicted_loss"] - f["actual_loss"]) / f["actual_loss"])
-    assert "kaplan" in sweep.describe_forecast(f)
+    assert "kaplan" in sweep.describe_forecast(f) and (out / "forecasts.png").stat().st_size > 0
 
     # the target has run: a second forecast reuses it and is labelled a backtest, not a prediction
     again = sweep.predict_then_verify(cfg)

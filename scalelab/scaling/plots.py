@@ -142,3 +142,41 @@ def plot_chinchilla_fit(df, fit: ChinchillaFit, out, max_curves: int = 40) -> Pa
     ax_par.grid(alpha=0.3, which="both")
     ax_par.legend(fontsize=8)
     return _save(fig, out)
+
+
+def plot_forecasts(df, forecasts: list[dict], out) -> Path:
+    """Left: the fitted runs and each target against compute. Right: forecast against outcome, with a ±2% band."""
+    x = _numeric(as_columns(df), ("C", "loss"))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10.5, 4.4))
+    ax.scatter(x["C"], x["loss"], s=22, color="0.45", zorder=_RUNS, label="sweep runs (fitted)")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ends = []
+    for i, f in enumerate(sorted(forecasts, key=lambda f: f.get("written_at", ""))):
+        color, pred, actual = colors[i % len(colors)], f["predicted_loss"], f["actual_loss"]
+        lo, hi = f["interval_95"]
+        t = f["target"]
+        name = f"{t.get('name', 'target')} ({'backtest' if f.get('backtest') else 'forecast written before the run'})"
+        ax.scatter([t["C"]], [actual], marker="*", s=140, color=color, edgecolor="k", zorder=_MARK, label=name)
+        bx.errorbar([actual], [pred], yerr=[[pred - lo], [hi - pred]], fmt="o", color=color, capsize=4, zorder=_FIT,
+                    label=f"depth {t['depth']}: {pred:.3f} [{lo:.3f}, {hi:.3f}] vs {actual:.3f}, "
+                          f"{100 * f['relative_error']:.1f}% off")
+        ends += [lo, hi, actual]
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("Fitted runs and forecast targets")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    if ends:
+        a, b = min(ends) * 0.99, max(ends) * 1.01
+        line = np.linspace(a, b, 50)
+        bx.plot(line, line, color="k", lw=1, label="forecast = outcome")
+        bx.fill_between(line, line * 0.98, line * 1.02, color="0.85", label="within 2%")
+        bx.set_xlim(a, b)
+        bx.set_ylim(a, b)
+    bx.set_xlabel("actual final validation loss")
+    bx.set_ylabel("forecast (95% interval)")
+    bx.set_title("Forecast against outcome")
+    bx.legend(fontsize=7, loc="upper left")
+    bx.grid(True, alpha=0.3)
+    return _save(fig, out)

@@ -314,6 +314,10 @@ def predict_then_verify(cfg: Config) -> dict:
     result["target_run"] = row
     for p in paths:
         p.write_text(json.dumps(result, indent=2, default=float))
+    from scalelab.scaling.plots import plot_forecasts
+
+    done = [json.loads(p.read_text()) for p in sorted(paths[0].parent.glob("*.json"))]
+    plot_forecasts(fit_rows, [f for f in done if "actual_loss" in f], out / "forecasts.png")
     return result
 
 
