@@ -65,6 +65,21 @@ def test_summary_and_target_by_hand():
         ab.summarize(["correct", "maybe"], ["wrong"])
 
 
+def test_headline_is_chosen_on_the_rl_people_only():
+    view = {
+        "a": {"known_accuracy": 0.9, "unknown_hallucination": 0.9},
+        "b": {"known_accuracy": 0.99, "unknown_hallucination": 0.0},  # SFT, not RL: never selected
+        "c[b, abstain=0]": {"known_accuracy": 0.86, "unknown_hallucination": 0.30},
+        "c[b, abstain=-0.8]": {"known_accuracy": 0.88, "unknown_hallucination": 0.44},
+        "c[b, abstain=-0.9]": {"known_accuracy": 0.95, "unknown_hallucination": 0.46},  # misses: 0.46 > 0.45
+        "d[b, abstain=0, judge]": {"known_accuracy": 0.99, "unknown_hallucination": 0.1},
+    }
+    assert ab.select_on_rl_people(view) == "c[b, abstain=-0.8]"
+    view["c[b, abstain=0]"]["known_accuracy"] = 0.88  # a tie on accuracy: the lower hallucination
+    assert ab.select_on_rl_people(view) == "c[b, abstain=0]"
+    assert ab.select_on_rl_people({"a": view["a"], "c[b, abstain=-0.9]": view["c[b, abstain=-0.9]"]}) is None
+
+
 def test_split_people_is_disjoint_and_sft_targets():
     world = World(WORLD)
     g = ab.split_people(world, 0.4, 0.3, seed=0)
@@ -134,6 +149,7 @@ def test_tiny_pipeline_writes_results(tmp_path):
         "abstain.sft_steps=2", "abstain.sft_batch_size=4", "abstain.rl_iterations=2", "abstain.rl_prompts=2",
         "abstain.group_size=2", "abstain.max_new_tokens=4", "abstain.scorer_steps=5", "abstain.max_eval=4",
         "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b"]', 'abstain.scorer_from="b"',
+        "abstain.dynamic_sampling=true", "abstain.max_refill_rounds=2",
     ], "abstain", ab.AbstainConfig)
     result = ab.run_abstain(cfg, a, log=lambda *_: None)
     names = list(result["conditions"])
@@ -147,6 +163,8 @@ def test_tiny_pipeline_writes_results(tmp_path):
     assert saved["conditions"]["a"] == json.loads(json.dumps(result["conditions"]["a"]))
     md = (out / "results.md").read_text()
     assert "| c[b, abstain=0.5] |" in md and "unknown halluc." in md
+    assert set(saved["rl_people_view"]) == {"a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "d[b, abstain=0, judge]"}
+    assert saved["selected"] in (None, "c[b, abstain=0]", "c[b, abstain=0.5]") and "chosen on the RL people" in md
     assert (out / "abstain.png").stat().st_size > 1000
     with pytest.raises(ScalelabError, match="--overwrite"):
         ab.run_abstain(cfg, a, log=lambda *_: None)

@@ -59,6 +59,10 @@ class AbstainConfig:
     clip: float = 0.2
     # false: advantages are reward minus group mean, so the abstain reward's size matters (see grpo.py)
     scale_advantages: bool = False
+    # A near-greedy policy answers a question the same way in every sample: the group has one reward,
+    # zero advantage and no gradient. Dynamic sampling drops such groups and refills with new prompts.
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 4
     temperature: float = 0.6
     max_new_tokens: int = 16
     scorer: bool = True  # run condition (d)
@@ -124,6 +128,19 @@ def meets_target(cond: dict, ref: dict, cut: float = 0.5, drop: float = 0.05) ->
     """RL at least ``cut``s ref's hallucination on unknown people; known accuracy falls by at most ``drop``."""
     return (cond["unknown_hallucination"] <= (1 - cut) * ref["unknown_hallucination"] + 1e-12
             and cond["known_accuracy"] >= ref["known_accuracy"] - drop - 1e-12)
+
+
+def select_on_rl_people(rl_view: dict[str, dict], cut: float = 0.5, drop: float = 0.05) -> str | None:
+    """The RL condition to report as the headline, chosen without the evaluation people.
+
+    Each policy is scored again on the people RL trained on. Among the RL conditions that meet the
+    target against (a) there, the one with the best known accuracy wins (ties: less hallucination).
+    The evaluation people's numbers play no part, so the headline is not picked on the test set.
+    """
+    ok = [n for n, m in rl_view.items() if n.startswith("c[") and meets_target(m, rl_view["a"], cut, drop)]
+    if not ok:
+        return None
+    return max(ok, key=lambda n: (rl_view[n]["known_accuracy"], -rl_view[n]["unknown_hallucination"]))
 
 
 # -- people and data --------------------------------------------------------------------------------------------
@@ -263,13 +280,20 @@ def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float
     trainer = GRPOTrainer(policy, TOK[0], reward, group_size=a.group_size, lr=a.rl_lr, kl_coef=a.kl_coef, clip=a.clip,
                           max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           minibatch_size=max(1, a.rl_prompts * a.group_size // 2), seed=seed, stop_strings=("\n",),
-                          scale_advantages=a.scale_advantages)
+                          scale_advantages=a.scale_advantages, dynamic_sampling=a.dynamic_sampling,
+                          max_refill_rounds=a.max_refill_rounds)
     rng = random.Random(f"abstain-rl-{seed}")
+
+    def refill(n: int):
+        more = rng.sample(rl_items, min(n, len(rl_items)))
+        return [qa_prompt(TOK[0], b["question"]) for b in more], more
+
     history = []
     with open(log_path, "w", encoding="utf-8") as log:
         for it in range(1, a.rl_iterations + 1):
             batch = rng.sample(rl_items, min(a.rl_prompts, len(rl_items)))
-            stats = trainer.step([qa_prompt(TOK[0], b["question"]) for b in batch], batch)
+            stats = trainer.step([qa_prompt(TOK[0], b["question"]) for b in batch], batch,
+                                 refill=refill if a.dynamic_sampling else None)
             texts = stats.pop("texts")
             cls = [classify_answer(t, batch[j // a.group_size]["answer"]) for j, t in enumerate(texts)]
             stats |= {f"rollout_{c}": cls.count(c) / len(cls) for c in CLASSES}
@@ -321,7 +345,9 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     if a.max_eval:
         ev = {g: random.Random(f"abstain-eval-{seed}").sample(v, min(a.max_eval, len(v))) for g, v in ev.items()}
     rl_items = qa_items(world, groups["rl_known"] + groups["rl_unknown"])
+    rl_people = {g: qa_items(world, groups[f"rl_{g}"]) for g in ("known", "unknown")}
     conditions: dict[str, dict] = {}
+    rl_view: dict[str, dict] = {}  # the same scores on the RL people, for choosing the headline
 
     def record(name, model, **extra):
         t = time.perf_counter()
@@ -342,6 +368,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
         models[name], loss = sft(base, sft_records(world, groups, target), a, cfg.train, seed, out / f"sft_{name}.jsonl")
         timings[f"sft_{name}"] = time.perf_counter() - t
         record(name, models[name], sft_final_loss=loss)
+        rl_view[name] = evaluate(models[name], rl_people, a)
     histories = {}
     for init_name in a.rl_from:
         for r in a.abstain_rewards:
@@ -352,6 +379,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
             histories[name] = hist
             record(name, policy, init=init_name, abstain_reward=r, rl_reward_first=hist[0]["reward"] if hist else None,
                    rl_reward_last=hist[-1]["reward"] if hist else None)
+            rl_view[name] = evaluate(policy, rl_people, a)
     scorer_stats = {}
     if a.scorer:
         t = time.perf_counter()
@@ -362,11 +390,14 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
         timings[name] = time.perf_counter() - t
         histories[name] = hist
         record(name, policy, init=a.scorer_from, abstain_reward=r, **extra, **scorer_stats)
+        rl_view[name] = evaluate(policy, rl_people, a)
     for name, m in conditions.items():
         if name.startswith(("c[", "d[")):
             m["meets_target_vs_a"] = meets_target(m, conditions["a"], a.target_hallucination_cut, a.target_accuracy_drop)
+    selected = select_on_rl_people(rl_view, a.target_hallucination_cut, a.target_accuracy_drop)
     timings["total"] = time.perf_counter() - t0
     result = {"abstain": asdict(a), "world": asdict(world.cfg), "people": {k: len(v) for k, v in groups.items()},
+              "rl_people_view": rl_view, "selected": selected,
               "base_memory_sft_known": base_memory, "conditions": conditions, "rl_history": histories,
               "scorer": scorer_stats, "timings_seconds": timings, "base_run": str(base_dir)}
     common.write_json(out / "results.json", result)
@@ -397,6 +428,25 @@ def results_markdown(result: dict) -> str:
         target = {True: "met", False: "not met"}.get(m.get("meets_target_vs_a"), "")
         lines.append(f"| {name} | {m['known_accuracy']:.3f} | {m['known_abstain']:.3f} | {m['known_wrong']:.3f} | "
                      f"{m['unknown_abstain']:.3f} | {m['unknown_hallucination']:.3f} | {m['unknown_lucky']:.3f} | {target} |")
+    sel = result.get("selected")
+    if "rl_people_view" in result:
+        lines += ["", "The headline is chosen on the RL people (the people RL trained on), never on the evaluation "
+                  "people: among RL conditions that meet the target against (a) there, the best known accuracy.", "",
+                  "| condition | RL people: known acc | RL people: unknown halluc. | target vs (a) on RL people |",
+                  "|---|---|---|---|"]
+        view = result["rl_people_view"]
+        for name, m in view.items():
+            hit = ""
+            if name.startswith("c["):
+                hit = "met" if meets_target(m, view["a"], a["target_hallucination_cut"], a["target_accuracy_drop"]) else "not met"
+            lines.append(f"| {name} | {m['known_accuracy']:.3f} | {m['unknown_hallucination']:.3f} | {hit} |")
+        if sel:
+            m = result["conditions"][sel]
+            lines += ["", f"**Selected: {sel}.** On the evaluation people: known accuracy {m['known_accuracy']:.3f}, "
+                      f"hallucination {m['unknown_hallucination']:.3f}; target "
+                      f"{'met' if m['meets_target_vs_a'] else 'not met'} against (a)."]
+        else:
+            lines += ["", "**No RL condition met the target on the RL people**, so none is selected."]
     if result["scorer"]:
         s = result["scorer"]
         lines += ["", f"Learned judge: held-out accuracy {s['scorer_heldout_accuracy']:.3f} on generated pairs."]
