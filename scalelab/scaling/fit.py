@@ -305,6 +305,29 @@ def _check_chinchilla_grid(x: dict[str, np.ndarray]) -> None:
         raise ScalelabError("log D is a linear function of log N across the runs, so alpha and beta cannot be separated; vary D at fixed N")
 
 
+def bootstrap_weights(rng, x: dict[str, np.ndarray]) -> np.ndarray:
+    """One bootstrap resample of the runs, as integer row weights."""
+    n = len(x["loss"])
+    for _attempt in range(20):
+        idx = rng.integers(0, n, n)
+        # A resample that lost all but two N (or D) values cannot pin the exponent down; redraw it.
+        if len(_distinct(x["N"][idx])) >= 3 and len(_distinct(x["D"][idx])) >= 3:
+            break
+    return np.bincount(idx, minlength=n)
+
+
+def percentile_ci(samples: np.ndarray, names, n_log: int) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals per column; the first ``n_log`` columns are logs of the constants."""
+    ci = {}
+    for j, name in enumerate(names):
+        if len(samples):
+            lo, hi = np.percentile(samples[:, j], [2.5, 97.5])
+            ci[name] = (math.exp(lo), math.exp(hi)) if j < n_log else (float(lo), float(hi))
+        else:
+            ci[name] = (math.nan, math.nan)
+    return ci
+
+
 @_one_blas_thread
 def fit_chinchilla(df, n_bootstrap: int = 200, seed: int = 0, huber_delta: float = 1e-3, n_starts: int = 64) -> ChinchillaFit:
     """Hoffmann et al. (2022) approach 3: Huber regression of log L on logsumexp(a - alpha log N, b - beta log D, e).
@@ -335,12 +358,7 @@ def fit_chinchilla(df, n_bootstrap: int = 200, seed: int = 0, huber_delta: float
     samples = []
     jitter = np.array([0.5, 0.5, 0.2, 0.05, 0.05])
     for _ in range(n_bootstrap):
-        for _attempt in range(20):
-            idx = rng.integers(0, n, n)
-            # A resample that lost all but two N (or D) values cannot pin the exponent down; redraw it.
-            if len(_distinct(x["N"][idx])) >= 3 and len(_distinct(x["D"][idx])) >= 3:
-                break
-        bobj = _HuberLogLoss(logN, logD, logL, huber_delta, weights=np.bincount(idx, minlength=n))
+        bobj = _HuberLogLoss(logN, logD, logL, huber_delta, weights=bootstrap_weights(rng, x))
         bobj.mN, bobj.mD, bobj.u, bobj.v = obj.mN, obj.mD, obj.u, obj.v  # same centring as `best`
         starts = [best] + [np.clip(best + rng.normal(0, jitter), *np.array(_BOUNDS).T) for _ in range(2)]
         b_best, _ = _best_of(bobj, starts)
@@ -348,13 +366,7 @@ def fit_chinchilla(df, n_bootstrap: int = 200, seed: int = 0, huber_delta: float
     # Stored as (log E, log A, log B, alpha, beta) in the order CHINCHILLA_PARAMS names them.
     samp = np.array(samples)[:, [2, 0, 1, 3, 4]] if samples else np.empty((0, 5))
 
-    ci = {}
-    for j, name in enumerate(CHINCHILLA_PARAMS):
-        if len(samp):
-            lo, hi = np.percentile(samp[:, j], [2.5, 97.5])
-            ci[name] = (math.exp(lo), math.exp(hi)) if j < 3 else (float(lo), float(hi))
-        else:
-            ci[name] = (math.nan, math.nan)
+    ci = percentile_ci(samp, CHINCHILLA_PARAMS, n_log=3)
     return ChinchillaFit(
         E=math.exp(th[2]), A=math.exp(th[0]), B=math.exp(th[1]), alpha=float(th[3]), beta=float(th[4]),
         ci=ci, n_points=n, rms=rms, huber_delta=huber_delta, samples=samp,

@@ -21,7 +21,9 @@ import numpy as np
 from scipy.optimize import minimize
 
 from scalelab.errors import ScalelabError
-from scalelab.scaling.fit import _check_chinchilla_grid, _distinct, _g, _numeric, _one_blas_thread, as_columns
+from scalelab.scaling.fit import (
+    _check_chinchilla_grid, _g, _numeric, _one_blas_thread, as_columns, bootstrap_weights, percentile_ci,
+)
 
 KAPLAN_PARAMS = ("E", "N_c", "D_c", "alpha_N", "alpha_D")
 # Centred coordinates (log N_c and log D_c relative to the data's mean log N and log D).
@@ -142,21 +144,11 @@ def fit_kaplan(df, n_bootstrap: int = 200, seed: int = 0, huber_delta: float = 1
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n_bootstrap):
-        for _attempt in range(20):
-            idx = rng.integers(0, n, n)
-            if len(_distinct(x["N"][idx])) >= 3 and len(_distinct(x["D"][idx])) >= 3:
-                break
-        bobj = _Objective(lN, lD, lL, huber_delta, weights=np.bincount(idx, minlength=n))
+        bobj = _Objective(lN, lD, lL, huber_delta, weights=bootstrap_weights(rng, x))
         bobj.mN, bobj.mD, bobj.u, bobj.v = obj.mN, obj.mD, obj.u, obj.v
         starts = [best] + [np.clip(best + rng.normal(0, 0.1, 5), *np.array(_BOUNDS).T) for _ in range(2)]
         samples.append(obj.to_natural(_best_of(bobj, starts)))
     samp = np.array(samples) if samples else np.empty((0, 5))
-    ci = {}
-    for j, name in enumerate(KAPLAN_PARAMS):
-        if len(samp):
-            lo, hi = np.percentile(samp[:, j], [2.5, 97.5])
-            ci[name] = (math.exp(lo), math.exp(hi)) if j < 3 else (float(lo), float(hi))
-        else:
-            ci[name] = (math.nan, math.nan)
+    ci = percentile_ci(samp, KAPLAN_PARAMS, n_log=3)
     return KaplanFit(E=math.exp(th[0]), N_c=math.exp(th[1]), D_c=math.exp(th[2]), alpha_N=float(th[3]),
                      alpha_D=float(th[4]), ci=ci, n_points=n, rms=rms, huber_delta=huber_delta, samples=samp)
