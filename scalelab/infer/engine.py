@@ -164,8 +164,8 @@ class _Seq:
 
 
 # freezing: weights become constants, so linear layers use prepacked weights. cpp_wrapper: the graph's
-# kernels are launched from generated C++ rather than a Python function, which took 7-10% off a batch-16
-# decode step of a 13.8M model on 2 CPU threads (A/B in one process, 3 of 3 pairs). Neither
+# kernels are launched from generated C++ rather than a Python function, which took 2-10% off a batch-16
+# decode step of a 13.8M model on 2 CPU threads (bench/compiled_decode_ab.py). Neither
 # cpp.enable_concat_linear (wider merged matmuls) nor max-autotune's CPP GEMMs gave a gain we could measure.
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
