@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 import scalelab.infer.engine as engine_module
-from generate import corpus
+from generate import corpus, random_model
 from results_file import append_results
 from scalelab.infer.engine import Engine, GenerationParams
-from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import build_tokenizer
 
 
@@ -39,14 +38,7 @@ def main() -> None:
 
     docs = corpus()
     tok = build_tokenizer("bpe", docs, args.vocab)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=512, depth=args.depth, n_embd=args.n_embd, head_dim=64,
-                    mlp="swiglu")
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
+    model = random_model(tok.vocab_size, args.depth, args.n_embd)
     stream = [t for doc in docs[:2000] for t in tok.encode(doc)]
     prompts = [stream[i * 64 : (i + 1) * 64] for i in range(16)]
 

@@ -49,6 +49,20 @@ def corpus() -> list[str]:
     return World(WorldConfig()).pretraining_documents()
 
 
+def random_model(vocab_size: int, depth: int, n_embd: int, head_dim: int = 64, block: int = 512,
+                 qk_norm: bool = False) -> GPT:
+    """A seeded random SwiGLU GPT: speed does not depend on what the weights say."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block, depth=depth, n_embd=n_embd, head_dim=head_dim,
+                    mlp="swiglu", qk_norm=qk_norm)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # the zero-initialised output projections would make every block the identity
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    return model
+
+
 def best_times(fns: dict, repeats: int) -> dict:
     """Best-of-``repeats`` wall time of each function, run round-robin.
 
@@ -101,14 +115,7 @@ def main() -> None:
 
     docs = corpus()
     tok = build_tokenizer("bpe", docs, args.vocab)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block, depth=args.depth, n_embd=args.n_embd,
-                    head_dim=args.head_dim, mlp="swiglu", qk_norm=args.qk_norm)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # the zero-initialised output projections would make every block the identity
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
+    model = random_model(tok.vocab_size, args.depth, args.n_embd, args.head_dim, args.block, args.qk_norm)
     with tempfile.TemporaryDirectory() as d:
         export_hf(model, tok, Path(d) / "hf")
         dtype = getattr(torch, args.dtype)
