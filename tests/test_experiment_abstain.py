@@ -181,6 +181,7 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     assert "between abstain.wrong_reward" in err("abstain.abstain_rewards=[2.0]")
     assert "unknown config key 'abstain.nope'" in err("abstain.nope=1")
     assert "sft_fraction" in err("abstain.sft_fraction=0.8")
+    assert "abstain.max_refill_rounds" in err("abstain.max_refill_rounds=-1")
     # The default world has no unknown people: refused before any training.
     assert "unknown_fraction" in err("train.steps=1")
     base = _base_run(tmp_path / "known_only")

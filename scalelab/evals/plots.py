@@ -61,6 +61,16 @@ def plot_loss_curves(records: list[dict], out_path: str | Path, baseline_bpb: fl
     return save_figure(fig, out_path, title)
 
 
+def label_fraction_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int = 7) -> None:
+    """Labels for a panel whose y axis is a rate in [0, 1], with a little room so 0 and 1 stay visible."""
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=legend_size)
+
+
 def save_figure(fig, out_path: str | Path, title: str = "") -> Path:
     """Title, tight layout, PNG at 110 dpi, and the figure closed (long sweeps draw many)."""
     if title:

@@ -86,6 +86,7 @@ def validate(a: AbstainConfig) -> None:
         (a.rl_iterations >= 0 and a.rl_prompts >= 1 and a.group_size >= 2, "abstain.rl_iterations >= 0, rl_prompts >= 1, group_size >= 2"),
         (a.rl_lr > 0 and a.kl_coef >= 0 and a.clip > 0 and a.temperature > 0, "abstain.rl_lr, clip, temperature must be positive, kl_coef >= 0"),
         (a.max_new_tokens >= 1 and a.max_eval >= 0 and a.scorer_steps >= 1, "abstain.max_new_tokens and scorer_steps >= 1, max_eval >= 0"),
+        (a.max_refill_rounds >= 0, "abstain.max_refill_rounds must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

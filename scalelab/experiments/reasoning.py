@@ -561,7 +561,7 @@ def _task_axes(n: int):
 
 def plot_warm_start(result: dict, path: Path) -> None:
     """Accuracy against difficulty, one line per SFT condition, one panel per task."""
-    from scalelab.evals.plots import save_figure
+    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     names = result["reasoning"]["tasks"]
     fig, axes = _task_axes(len(names))
@@ -572,18 +572,14 @@ def plot_warm_start(result: dict, path: Path) -> None:
             ds = [d for d in acc if d != "all"]
             ax.plot([int(d) for d in ds], [acc[d]["accuracy"] for d in ds], style, label=labels[cond])
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(name)
-        ax.set_xlabel("difficulty")
-        ax.set_ylabel("accuracy (greedy)")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=7)
+        label_fraction_axes(ax, name, "difficulty", "accuracy (greedy)")
     c = result["compute"]
     save_figure(fig, path, f"Warm start at equal compute ({c['cot']['flops']:.2e} vs {c['answer_only']['flops']:.2e} FLOPs)")
 
 
 def plot_rl(result: dict, path: Path) -> None:
     """pass@1 against GRPO step: rollouts (sampled) and held-out problems (greedy), one panel per task."""
-    from scalelab.evals.plots import save_figure
+    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     fig, axes = _task_axes(len(result["rl"]))
     for ax, (name, h) in zip(axes, result["rl"].items()):
@@ -593,11 +589,7 @@ def plot_rl(result: dict, path: Path) -> None:
         if h.get("eval_sampled_pass@1"):
             ax.plot(h["eval_step"], h["eval_sampled_pass@1"], "s-", label="held-out pass@1 (sampled)")
         ax.plot(h["eval_step"], h["eval_pass@1"], "o--", label="held-out pass@1 (greedy)")
-        ax.set_title(name)
-        ax.set_xlabel("GRPO step")
-        ax.set_ylabel("pass@1")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=7)
+        label_fraction_axes(ax, name, "GRPO step", "pass@1")
     save_figure(fig, path, "GRPO from the chain-of-thought warm start")
 
 

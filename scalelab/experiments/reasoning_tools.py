@@ -107,7 +107,7 @@ def plot_tools(tools: dict, task_names: list[str], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import save_figure
+    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     fig, axes = plt.subplots(1, len(task_names), figsize=(3.4 * len(task_names), 3.4), squeeze=False)
     lines = (("answer_only", "SFT answer only", "s:"), ("cot", "SFT chain of thought", "^--"),
@@ -117,9 +117,5 @@ def plot_tools(tools: dict, task_names: list[str], path) -> None:
         for key, label, style in lines:
             ax.plot([int(d) for d in ds], [tools[name][d][key] for d in ds], style, label=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(name)
-        ax.set_xlabel("difficulty")
-        ax.set_ylabel("accuracy (greedy)")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=6)
+        label_fraction_axes(ax, name, "difficulty", "accuracy (greedy)", legend_size=6)
     save_figure(fig, path, "Arithmetic with and without the calculator tool")

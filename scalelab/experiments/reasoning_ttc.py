@@ -167,16 +167,13 @@ def plot_ttc(ttc: dict, budget_path, samples_path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import save_figure
+    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, t in ttc.items():
         ax.plot(t["budget"]["budget"], t["budget"]["accuracy"], "o-", label=name)
     ax.set_xscale("symlog", linthresh=8)
-    ax.set_xlabel("thinking budget (tokens), then forced \"Answer:\"")
-    ax.set_ylabel("accuracy (greedy)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=8)
+    label_fraction_axes(ax, "", "thinking budget (tokens), then forced \"Answer:\"", "accuracy (greedy)", legend_size=8)
     save_figure(fig, budget_path, "Accuracy against thinking-token budget")
     fig, axes = plt.subplots(1, len(ttc), figsize=(3.4 * len(ttc), 3.4), squeeze=False)
     for ax, (name, t) in zip(axes[0], ttc.items()):
@@ -184,9 +181,5 @@ def plot_ttc(ttc: dict, budget_path, samples_path) -> None:
         ax.plot(s["n"], s["majority"], "s--", label="majority vote")
         ax.plot(s["n"], s["best_of_n"], "o-", label="best-of-N by verifier")
         ax.set_xscale("log", base=2)
-        ax.set_title(name)
-        ax.set_xlabel("samples N")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=7)
+        label_fraction_axes(ax, name, "samples N", "accuracy")
     save_figure(fig, samples_path, "Accuracy against number of samples")
