@@ -228,3 +228,29 @@ def test_incremental_text_equals_a_full_decode_with_split_multibyte_characters()
     events = list(eng.stream(prompt, params))
     final = eng.generate([prompt], params)
     assert "".join(e.text for e in events if e.index == 0) == final[0].text == tok.decode(final[0].tokens)
+
+
+def test_text_is_decoded_once_at_the_end_when_nobody_streams_it():
+    """No stream and no stop string: no per-step detokenizing, and the same completion as a watched request."""
+    calls = []
+
+    class CountingTok(CharTokenizer):
+        def decode(self, ids):
+            calls.append(len(ids))
+            return super().decode(ids)
+
+    tok = CountingTok(list("abcdefghijklmnopqrstuvwxyz "))
+    eng = Engine(make_model(), tok, max_batch=2)
+    params = GenerationParams(max_new_tokens=12, temperature=0.8, seed=5, logprobs=True, stop_token_ids=())
+    quiet = eng.submit(PROMPTS[0], params)
+    while not quiet.done:
+        eng.step()
+    assert len(calls) == 1  # one decode, at the end
+    calls.clear()
+    watched = eng.submit(PROMPTS[0], params, on_event=lambda e: None)
+    while not watched.done:
+        eng.step()
+    assert len(calls) == 12  # a streamed request decodes as it goes
+    (a,), (b,) = quiet.wait(), watched.wait()
+    assert (a.tokens, a.text, a.finish_reason, a.logprobs) == (b.tokens, b.text, b.finish_reason, b.logprobs)
+    assert a.text == tok.decode(a.tokens)

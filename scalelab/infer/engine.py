@@ -457,6 +457,10 @@ class Engine:
             seq.tokens.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
+        if reason is None and not p.stop_strings and seq.req.on_event is None and len(seq.tokens) < seq.max_new:
+            # nobody reads this text before the end (no stream, no stop string): decode it once, then
+            seq.pending = tok
+            return
         text = self._text(seq)
         if p.stop_strings:
             cut = cut_at_stop(text, p.stop_strings)
