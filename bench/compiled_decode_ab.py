@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-import scalelab.infer.engine as engine_module
-from generate import corpus, random_model
+from generate import compiled_engine, decode_bench_setup
 from results_file import append_results
-from scalelab.infer.engine import Engine, GenerationParams
-from scalelab.tokenizer import build_tokenizer
+from scalelab.infer.engine import GenerationParams
 
 
 def main() -> None:
@@ -36,29 +34,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    docs = corpus()
-    tok = build_tokenizer("bpe", docs, args.vocab)
-    model = random_model(tok.vocab_size, args.depth, args.n_embd)
-    stream = [t for doc in docs[:2000] for t in tok.encode(doc)]
-    prompts = [stream[i * 64 : (i + 1) * 64] for i in range(16)]
+    tok, model, prompts = decode_bench_setup(args.vocab, args.depth, args.n_embd)
 
     def run(engine, n):
         return engine.generate(prompts, GenerationParams(max_new_tokens=n, temperature=0.0, stop_token_ids=()))
 
-    def build(options: dict) -> Engine:
-        # the options are read when the graph compiles, on the first decode step
-        engine_module._INDUCTOR_OPTIONS = options
-        engine = Engine(model, tok, max_batch=16, compile=True)
-        run(engine, 8)
-        assert engine.compiled
-        return engine
+    def build(options: dict):
+        return compiled_engine(model, tok, 16, options, lambda e: run(e, 8))
 
     variants = {"python wrapper": {"freezing": True}, "C++ wrapper": {"freezing": True, "cpp_wrapper": True}}
-    shipped = dict(engine_module._INDUCTOR_OPTIONS)
     rows = []
     for pair in range(args.pairs):
         engines = {name: build(opts) for name, opts in variants.items()}
-        engine_module._INDUCTOR_OPTIONS = shipped
         best = {name: float("inf") for name in engines}
         for _ in range(args.repeats):
             for name, engine in engines.items():

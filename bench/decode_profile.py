@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
-from generate import corpus, random_model
+from generate import compiled_engine, decode_bench_setup
 from results_file import append_results
 import scalelab.infer.engine as engine_module
-from scalelab.infer.engine import Engine, GenerationParams
-from scalelab.tokenizer import build_tokenizer
+from scalelab.infer.engine import GenerationParams
 
 
 def stream_read_gb_s(n_bytes: int, repeats: int = 5) -> float:
@@ -75,24 +74,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    docs = corpus()
-    tok = build_tokenizer("bpe", docs, args.vocab)
-    model = random_model(tok.vocab_size, args.depth, args.n_embd)
-    stream = [t for doc in docs[:2000] for t in tok.encode(doc)]
-    prompts = [stream[i * args.prompt_len : (i + 1) * args.prompt_len] for i in range(args.batch)]
+    tok, model, prompts = decode_bench_setup(args.vocab, args.depth, args.n_embd, args.batch, args.prompt_len)
     params = GenerationParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_token_ids=())
-    def build(options: dict) -> Engine:
-        engine_module._INDUCTOR_OPTIONS = options  # read when the graph compiles, on the first decode step
-        e = Engine(model, tok, max_batch=args.batch, compile=True)
+
+    def warm(e):
         for _ in range(2):
             e.generate(prompts, params)  # compile, then warm
-        assert e.compiled
-        return e
 
     shipped = dict(engine_module._INDUCTOR_OPTIONS)
-    # The profiler does not see the ops a C++-wrapper graph launches, so the split comes from the same
-    # graph launched from Python (same kernels); the step time is the shipped engine's.
-    engine = build(shipped)
+    engine = compiled_engine(model, tok, args.batch, shipped, warm)
 
     def decode_steps(prof=None) -> tuple[int, float]:
         """Decode steps run and seconds per step, the prefill left out."""
@@ -111,7 +101,9 @@ def main() -> None:
 
     # the step time without the profiler's own overhead: best of a few rounds
     best = min(decode_steps()[1] for _ in range(5))
-    engine = build({k: v for k, v in shipped.items() if k != "cpp_wrapper"})
+    # The profiler does not see the ops a C++-wrapper graph launches, so the split comes from the same
+    # graph launched from Python (same kernels); the step time above is the shipped engine's.
+    engine = compiled_engine(model, tok, args.batch, {k: v for k, v in shipped.items() if k != "cpp_wrapper"}, warm)
     prof = profile()
     n, _ = decode_steps(prof)
     ops = prof.key_averages()

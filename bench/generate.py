@@ -63,6 +63,31 @@ def random_model(vocab_size: int, depth: int, n_embd: int, head_dim: int = 64, b
     return model
 
 
+def decode_bench_setup(vocab: int, depth: int, n_embd: int, batch: int = 16, prompt_len: int = 64):
+    """(tokenizer, random model, ``batch`` prompts of ``prompt_len`` tokens): the decode benches' common start."""
+    docs = corpus()
+    tok = build_tokenizer("bpe", docs, vocab)
+    model = random_model(tok.vocab_size, depth, n_embd)
+    stream = [t for doc in docs[:2000] for t in tok.encode(doc)]
+    return tok, model, [stream[i * prompt_len : (i + 1) * prompt_len] for i in range(batch)]
+
+
+def compiled_engine(model, tok, max_batch: int, options: dict, warm):
+    """An Engine(compile=True) whose graph is compiled with these inductor options, warmed by ``warm(engine)``."""
+    import scalelab.infer.engine as engine_module
+    from scalelab.infer.engine import Engine
+
+    shipped = engine_module._INDUCTOR_OPTIONS
+    engine_module._INDUCTOR_OPTIONS = options  # read when the graph compiles, on the first decode step
+    try:
+        engine = Engine(model, tok, max_batch=max_batch, compile=True)
+        warm(engine)
+    finally:
+        engine_module._INDUCTOR_OPTIONS = shipped
+    assert engine.compiled
+    return engine
+
+
 def best_times(fns: dict, repeats: int) -> dict:
     """Best-of-``repeats`` wall time of each function, run round-robin.
 
