@@ -417,6 +417,8 @@ class Engine:
             self._compiled = None
             return None
         self.cache.advance_slots(slots)
+        if len(slots) == self.max_batch:  # every slot decoding, in slot order: no rows to pick out
+            return logits
         return logits[torch.tensor(slots, device=logits.device)]
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
@@ -424,7 +426,7 @@ class Engine:
         greedy = [i for i, s in enumerate(seqs) if s.gen is None]
         chosen = [0] * len(seqs)
         if greedy:
-            picks = logits[greedy].argmax(-1).tolist()
+            picks = (logits if len(greedy) == len(seqs) else logits[greedy]).argmax(-1).tolist()
             for i, t in zip(greedy, picks):
                 chosen[i] = t
         groups: dict[tuple, list[int]] = {}
