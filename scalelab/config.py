@@ -100,6 +100,9 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)
 
 
+FORECAST_FORMS = ("chinchilla", "kaplan")  # the scaling-law forms scaling.forecast_forms may name
+
+
 @dataclass
 class ScalingConfig:
     """A sweep of pretraining runs; every other section of the config is the base recipe of each run."""
@@ -115,7 +118,7 @@ class ScalingConfig:
     fit_max_flops: float = 0.0  # predict: fit only on runs with C <= this (0: all but the target)
     predict_depth: int = 0  # predict: the big run to forecast, then train
     predict_tokens: int = 0
-    # predict: functional forms to forecast with (chinchilla, kaplan); with several, the mean and the
+    # predict: functional forms to forecast with (FORECAST_FORMS); with several, the mean and the
     # envelope of their intervals
     forecast_forms: list[str] = field(default_factory=lambda: ["chinchilla"])
 
@@ -435,6 +438,8 @@ def validate(cfg: Config) -> None:
         (all(d >= 1 for d in cfg.scaling.depths), "scaling.depths must all be >= 1"),
         (all(t > 0 for t in cfg.scaling.tokens), "scaling.tokens must all be positive"),
         (all(b > 0 for b in cfg.scaling.budgets), "scaling.budgets must all be positive"),
+        (bool(cfg.scaling.forecast_forms) and set(cfg.scaling.forecast_forms) <= set(FORECAST_FORMS),
+         f"scaling.forecast_forms must be a non-empty subset of {list(FORECAST_FORMS)}"),
         (all(v >= 1 or v == -1 for v in (cfg.parallel.dp_replicate, cfg.parallel.dp_shard)),
          "parallel.dp_replicate and parallel.dp_shard must be >= 1, or -1 for 'the rest of the processes'"),
         ((cfg.parallel.dp_replicate, cfg.parallel.dp_shard).count(-1) <= 1,

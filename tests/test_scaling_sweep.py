@@ -126,9 +126,10 @@ def test_predict_writes_the_forecast_before_training_then_backtests(tmp_path, mo
 
 
 def test_unknown_forecast_form_is_a_clear_error(tmp_path):
-    cfg = sweep_cfg(tmp_path, "scaling.depths=[1, 2, 3]", "scaling.tokens=[512, 1024, 2048]",
-                    "scaling.predict_depth=4", "scaling.predict_tokens=2048", 'scaling.forecast_forms=["kaplan", "ols"]')
-    sweep.run_sweep(cfg, progress=False)
+    grid = ("scaling.depths=[1, 2, 3]", "scaling.tokens=[512, 1024, 2048]", "scaling.predict_depth=4",
+            "scaling.predict_tokens=2048")
+    sweep.run_sweep(sweep_cfg(tmp_path, *grid), progress=False)
+    # refused when the config loads, before any fit or forecast is written
     with pytest.raises(ScalelabError, match="forecast_forms"):
-        sweep.predict_then_verify(cfg)
+        sweep.predict_then_verify(sweep_cfg(tmp_path, *grid, 'scaling.forecast_forms=["kaplan", "ols"]'))
     assert not (tmp_path / "sweep" / "prediction.json").exists()

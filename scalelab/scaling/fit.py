@@ -280,12 +280,7 @@ class ChinchillaFit:
         return {key: (float(v[0]) if C.ndim == 0 else v.reshape(C.shape)) for key, v in out.items()}
 
     def to_dict(self) -> dict:
-        return {
-            "E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
-            "ci": {k: [float(v[0]), float(v[1])] for k, v in self.ci.items()},
-            "n_points": self.n_points, "rms": self.rms, "huber_delta": self.huber_delta,
-            "n_bootstrap": int(len(self.samples)),
-        }
+        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta, **fit_quality(self)}
 
 
 def _check_chinchilla_grid(x: dict[str, np.ndarray]) -> None:
@@ -303,6 +298,12 @@ def _check_chinchilla_grid(x: dict[str, np.ndarray]) -> None:
     resid = lD - np.polyval(np.polyfit(lN, lD, 1), lN)
     if resid.std() < 0.02:
         raise ScalelabError("log D is a linear function of log N across the runs, so alpha and beta cannot be separated; vary D at fixed N")
+
+
+def fit_quality(fit) -> dict:
+    """The JSON fields every bootstrapped Huber fit reports besides its constants."""
+    return {"ci": {k: [float(v[0]), float(v[1])] for k, v in fit.ci.items()}, "n_points": fit.n_points,
+            "rms": fit.rms, "huber_delta": fit.huber_delta, "n_bootstrap": int(len(fit.samples))}
 
 
 def bootstrap_weights(rng, x: dict[str, np.ndarray]) -> np.ndarray:

@@ -22,7 +22,8 @@ from scipy.optimize import minimize
 
 from scalelab.errors import ScalelabError
 from scalelab.scaling.fit import (
-    _check_chinchilla_grid, _g, _numeric, _one_blas_thread, as_columns, bootstrap_weights, percentile_ci,
+    _check_chinchilla_grid, _g, _numeric, _one_blas_thread, as_columns, bootstrap_weights, fit_quality,
+    percentile_ci,
 )
 
 KAPLAN_PARAMS = ("E", "N_c", "D_c", "alpha_N", "alpha_D")
@@ -108,12 +109,8 @@ class KaplanFit:
         return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
 
     def to_dict(self) -> dict:
-        return {
-            "E": self.E, "N_c": self.N_c, "D_c": self.D_c, "alpha_N": self.alpha_N, "alpha_D": self.alpha_D,
-            "ci": {k: [float(v[0]), float(v[1])] for k, v in self.ci.items()},
-            "n_points": self.n_points, "rms": self.rms, "huber_delta": self.huber_delta,
-            "n_bootstrap": int(len(self.samples)),
-        }
+        return {"E": self.E, "N_c": self.N_c, "D_c": self.D_c, "alpha_N": self.alpha_N, "alpha_D": self.alpha_D,
+                **fit_quality(self)}
 
     def markdown(self, digits: int = 4) -> list[str]:
         lines = [f"**Kaplan fit** L(N, D) = E + [(N_c/N)^(α_N/α_D) + D_c/D]^α_D — {self.n_points} runs, "

@@ -234,9 +234,6 @@ def fit_sweep(cfg: Config, rows: list[dict] | None = None) -> dict:
     return report
 
 
-FORECAST_FORMS = ("chinchilla", "kaplan")
-
-
 def _fit_form(form: str, rows: list[dict], cfg: Config):
     from scalelab.scaling import fit_chinchilla
     from scalelab.scaling.kaplan import fit_kaplan
@@ -251,11 +248,8 @@ def forecast(cfg: Config, fit_rows: list[dict], n: float, d_tokens: float) -> di
     With several forms the forecast is their mean and the interval spans all of their intervals:
     the choice of functional form is itself uncertain, and a bootstrap within one form cannot see that.
     """
-    forms = list(cfg.scaling.forecast_forms)
-    if not forms or any(f not in FORECAST_FORMS for f in forms):
-        raise ScalelabError(f"scaling.forecast_forms must be a non-empty subset of {list(FORECAST_FORMS)}, got {forms}")
     per_form = {}
-    for form in forms:
+    for form in cfg.scaling.forecast_forms:  # checked against FORECAST_FORMS when the config loads
         fit = _fit_form(form, fit_rows, cfg)
         lo, hi = (float(v) for v in fit.predict_interval(n, d_tokens))
         per_form[form] = {"predicted_loss": float(fit.predict(n, d_tokens)), "interval_95": [lo, hi],
