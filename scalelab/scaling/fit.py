@@ -306,6 +306,16 @@ def fit_quality(fit) -> dict:
             "rms": fit.rms, "huber_delta": fit.huber_delta, "n_bootstrap": int(len(fit.samples))}
 
 
+def constants_table(fit, title: str, params, symbols, digits: int = 4) -> list[str]:
+    """Markdown: a bootstrapped fit's title line, then each constant with its 95% interval."""
+    lines = [f"{title} — {fit.n_points} runs, RMS log-loss residual {fit.rms:.2e}, {len(fit.samples)} bootstrap refits",
+             "", "| constant | estimate | 95% CI |", "|---|---|---|"]
+    for name, sym in zip(params, symbols):
+        lo, hi = fit.ci[name]
+        lines.append(f"| {sym} | {_g(getattr(fit, name), digits)} | [{_g(lo, digits)}, {_g(hi, digits)}] |")
+    return lines
+
+
 def bootstrap_weights(rng, x: dict[str, np.ndarray]) -> np.ndarray:
     """One bootstrap resample of the runs, as integer row weights."""
     n = len(x["loss"])
@@ -583,12 +593,8 @@ def summarize(*fits, digits: int = 4) -> str:
     parts = []
     for fit in fits:
         if isinstance(fit, ChinchillaFit):
-            lines = [f"**Chinchilla fit** L(N, D) = E + A/N^α + B/D^β — {fit.n_points} runs, "
-                     f"RMS log-loss residual {fit.rms:.2e}, {len(fit.samples)} bootstrap refits", "",
-                     "| constant | estimate | 95% CI |", "|---|---|---|"]
-            for name, sym in zip(CHINCHILLA_PARAMS, ("E", "A", "B", "α", "β")):
-                lo, hi = fit.ci[name]
-                lines.append(f"| {sym} | {_g(getattr(fit, name), digits)} | [{_g(lo, digits)}, {_g(hi, digits)}] |")
+            lines = constants_table(fit, "**Chinchilla fit** L(N, D) = E + A/N^α + B/D^β", CHINCHILLA_PARAMS,
+                                    ("E", "A", "B", "α", "β"), digits)
             lines.append(f"| a = β/(α+β) | {_g(fit.beta / (fit.alpha + fit.beta), digits)} | |")
         elif isinstance(fit, PowerLawFit):
             lines = [f"**Compute frontier** L(C) = E + (C_c/C)^α_C — form: {fit.form}, {fit.n_frontier} frontier runs, "

@@ -22,8 +22,8 @@ from scipy.optimize import minimize
 
 from scalelab.errors import ScalelabError
 from scalelab.scaling.fit import (
-    _check_chinchilla_grid, _g, _numeric, _one_blas_thread, as_columns, bootstrap_weights, fit_quality,
-    percentile_ci,
+    _check_chinchilla_grid, _numeric, _one_blas_thread, as_columns, bootstrap_weights, constants_table,
+    fit_quality, percentile_ci,
 )
 
 KAPLAN_PARAMS = ("E", "N_c", "D_c", "alpha_N", "alpha_D")
@@ -113,13 +113,8 @@ class KaplanFit:
                 **fit_quality(self)}
 
     def markdown(self, digits: int = 4) -> list[str]:
-        lines = [f"**Kaplan fit** L(N, D) = E + [(N_c/N)^(α_N/α_D) + D_c/D]^α_D — {self.n_points} runs, "
-                 f"RMS log-loss residual {self.rms:.2e}, {len(self.samples)} bootstrap refits", "",
-                 "| constant | estimate | 95% CI |", "|---|---|---|"]
-        for name, sym in zip(KAPLAN_PARAMS, ("E", "N_c", "D_c", "α_N", "α_D")):
-            lo, hi = self.ci[name]
-            lines.append(f"| {sym} | {_g(getattr(self, name), digits)} | [{_g(lo, digits)}, {_g(hi, digits)}] |")
-        return lines
+        return constants_table(self, "**Kaplan fit** L(N, D) = E + [(N_c/N)^(α_N/α_D) + D_c/D]^α_D", KAPLAN_PARAMS,
+                               ("E", "N_c", "D_c", "α_N", "α_D"), digits)
 
 
 @_one_blas_thread
