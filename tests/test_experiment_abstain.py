@@ -97,6 +97,12 @@ def test_split_people_is_disjoint_and_sft_targets():
         assert ra["reply"] != ab.IDK
     with pytest.raises(ScalelabError, match="unknown_target"):
         ab.sft_records(world, g, "maybe")
+    # Unknown people cut in other shares: the known groups do not move, the evaluation tail is the same.
+    g2 = ab.split_people(world, 0.4, 0.3, seed=0, unknown_fractions=(0.2, 0.5))
+    assert all(g2[f"{s}_known"] == g[f"{s}_known"] for s in ("sft", "rl", "eval"))
+    n = len(world.unknown_people)
+    assert len(g2["sft_unknown"]) == round(0.2 * n) and len(g2["rl_unknown"]) == round(0.5 * n)
+    assert set(g2["sft_unknown"] + g2["rl_unknown"] + g2["eval_unknown"]) == set(world.unknown_people)
     with pytest.raises(ScalelabError, match="at least 3"):
         ab.split_people(World(WorldConfig(n_people=10, bios_per_person=1, extra_tasks={})), 0.4, 0.3, 0)
 
@@ -181,6 +187,7 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     assert "between abstain.wrong_reward" in err("abstain.abstain_rewards=[2.0]")
     assert "unknown config key 'abstain.nope'" in err("abstain.nope=1")
     assert "sft_fraction" in err("abstain.sft_fraction=0.8")
+    assert "abstain.unknown_sft_fraction" in err("abstain.unknown_sft_fraction=0.6", "abstain.unknown_rl_fraction=0.5")
     assert "abstain.max_refill_rounds" in err("abstain.max_refill_rounds=-1")
     # The default world has no unknown people: refused before any training.
     assert "unknown_fraction" in err("train.steps=1")

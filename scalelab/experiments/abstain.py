@@ -43,6 +43,9 @@ class AbstainConfig:
     base_run: str = ""  # a finished pretraining run on a world with unknown people; empty: pretrain one first
     sft_fraction: float = 0.4  # share of known and of unknown people for SFT
     rl_fraction: float = 0.3  # share for RL; the rest are evaluation people
+    # the same shares for unknown people; negative: as for known people
+    unknown_sft_fraction: float = -1.0
+    unknown_rl_fraction: float = -1.0
     sft_steps: int = 160
     sft_batch_size: int = 32
     sft_lr: float = 3e-4
@@ -77,6 +80,10 @@ def validate(a: AbstainConfig) -> None:
     checks = [
         (0 < a.sft_fraction < 1 and 0 < a.rl_fraction < 1 and a.sft_fraction + a.rl_fraction < 1,
          "abstain.sft_fraction and abstain.rl_fraction must be in (0, 1) and leave people for evaluation"),
+        (all(f < 0 or 0 < f < 1 for f in (a.unknown_sft_fraction, a.unknown_rl_fraction))
+         and sum(unknown_shares(a)) < 1,
+         "abstain.unknown_sft_fraction and unknown_rl_fraction must be negative (as for known people) or in (0, 1), "
+         "and leave unknown people for evaluation"),
         (a.sft_steps >= 1 and a.sft_batch_size >= 1 and a.sft_lr > 0, "abstain.sft_steps, sft_batch_size and sft_lr must be positive"),
         (all(x in ("a", "b") for x in a.rl_from), "abstain.rl_from may only hold \"a\" and \"b\""),
         (a.scorer_from in ("a", "b"), "abstain.scorer_from must be \"a\" or \"b\""),
@@ -91,6 +98,12 @@ def validate(a: AbstainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ScalelabError(f"invalid config: {msg}")
+
+
+def unknown_shares(a: AbstainConfig) -> tuple[float, float]:
+    """(SFT, RL) shares of the unknown people."""
+    return (a.unknown_sft_fraction if a.unknown_sft_fraction >= 0 else a.sft_fraction,
+            a.unknown_rl_fraction if a.unknown_rl_fraction >= 0 else a.rl_fraction)
 
 
 # -- scoring replies --------------------------------------------------------------------------------------------
@@ -147,16 +160,22 @@ def select_on_rl_people(rl_view: dict[str, dict], cut: float = 0.5, drop: float 
 # -- people and data --------------------------------------------------------------------------------------------
 
 
-def split_people(world, sft_fraction: float, rl_fraction: float, seed: int) -> dict[str, list[int]]:
-    """Known and unknown people, each shuffled and cut into sft / rl / eval groups (disjoint by person)."""
+def split_people(world, sft_fraction: float, rl_fraction: float, seed: int,
+                 unknown_fractions: tuple[float, float] | None = None) -> dict[str, list[int]]:
+    """Known and unknown people, each shuffled and cut into sft / rl / eval groups (disjoint by person).
+
+    ``unknown_fractions`` (SFT, RL) cuts the unknown people differently; by default as the known ones.
+    """
     known = world.qa_train_people + world.qa_eval_people
     unknown = world.unknown_people
     if len(unknown) < 3 or len(known) < 3:
         raise ScalelabError(f"the world has {len(known)} known and {len(unknown)} unknown people; the experiment needs "
                             "at least 3 of each (raise data.world.n_people or data.world.unknown_fraction)")
     out = {}
+    shares = {"known": (sft_fraction, rl_fraction), "unknown": unknown_fractions or (sft_fraction, rl_fraction)}
     for name, ids in (("known", sorted(known)), ("unknown", sorted(unknown))):
         ids = list(ids)
+        sft_fraction, rl_fraction = shares[name]
         random.Random(f"abstain-{name}-{seed}").shuffle(ids)
         n_sft = max(1, round(sft_fraction * len(ids)))
         n_rl = max(1, min(len(ids) - n_sft - 1, round(rl_fraction * len(ids))))
@@ -341,7 +360,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
         raise ScalelabError(f"{base_dir} was not trained on a world with unknown people (data.world.unknown_fraction > 0)")
     world, base = init.world, init.model.eval()
     TOK[0] = init.tokenizer
-    groups = split_people(world, a.sft_fraction, a.rl_fraction, seed)
+    groups = split_people(world, a.sft_fraction, a.rl_fraction, seed, unknown_shares(a))
     ev = {g: qa_items(world, groups[f"eval_{g}"]) for g in ("known", "unknown")}
     if a.max_eval:
         ev = {g: random.Random(f"abstain-eval-{seed}").sample(v, min(a.max_eval, len(v))) for g, v in ev.items()}
