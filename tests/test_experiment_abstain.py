@@ -65,19 +65,10 @@ def test_summary_and_target_by_hand():
         ab.summarize(["correct", "maybe"], ["wrong"])
 
 
-def test_headline_is_chosen_on_the_rl_people_only():
-    view = {
-        "a": {"known_accuracy": 0.9, "unknown_hallucination": 0.9},
-        "b": {"known_accuracy": 0.99, "unknown_hallucination": 0.0},  # SFT, not RL: never selected
-        "c[b, abstain=0]": {"known_accuracy": 0.86, "unknown_hallucination": 0.30},
-        "c[b, abstain=-0.8]": {"known_accuracy": 0.88, "unknown_hallucination": 0.44},
-        "c[b, abstain=-0.9]": {"known_accuracy": 0.95, "unknown_hallucination": 0.46},  # misses: 0.46 > 0.45
-        "d[b, abstain=0, judge]": {"known_accuracy": 0.99, "unknown_hallucination": 0.1},
-    }
-    assert ab.select_on_rl_people(view) == "c[b, abstain=-0.8]"
-    view["c[b, abstain=0]"]["known_accuracy"] = 0.88  # a tie on accuracy: the lower hallucination
-    assert ab.select_on_rl_people(view) == "c[b, abstain=0]"
-    assert ab.select_on_rl_people({"a": view["a"], "c[b, abstain=-0.9]": view["c[b, abstain=-0.9]"]}) is None
+def test_headline_is_fixed_by_the_config():
+    a = ab.AbstainConfig(rl_from=["b", "a"], abstain_rewards=[-0.8, 0.0, 0.5])
+    assert ab.headline_condition(a) == "c[b, abstain=-0.8]"
+    assert ab.headline_condition(ab.AbstainConfig(rl_from=[])) is None
 
 
 def test_split_people_is_disjoint_and_sft_targets():
@@ -154,12 +145,14 @@ def test_tiny_pipeline_writes_results(tmp_path):
         "run.progress=false", "train.log_every=1", f'abstain.out_dir="{out}"', f'abstain.base_run="{base}"',
         "abstain.sft_steps=2", "abstain.sft_batch_size=4", "abstain.rl_iterations=2", "abstain.rl_prompts=2",
         "abstain.group_size=2", "abstain.max_new_tokens=4", "abstain.scorer_steps=5", "abstain.max_eval=4",
-        "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b"]', 'abstain.scorer_from="b"',
+        "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b", "a"]', 'abstain.sweep_from=["b"]',
+        'abstain.scorer_from="b"',
         "abstain.dynamic_sampling=true", "abstain.max_refill_rounds=2",
     ], "abstain", ab.AbstainConfig)
     result = ab.run_abstain(cfg, a, log=lambda *_: None)
     names = list(result["conditions"])
-    assert names == ["base", "a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "d[b, abstain=0, judge]"]
+    # (a) is not in sweep_from: its RL runs the first abstain reward only
+    assert names == ["base", "a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "c[a, abstain=0]", "d[b, abstain=0, judge]"]
     for m in result["conditions"].values():
         assert m["n_known"] == 4 and m["n_unknown"] == 4
         assert abs(m["known_accuracy"] + m["known_abstain"] + m["known_wrong"] - 1) < 1e-9
@@ -169,8 +162,10 @@ def test_tiny_pipeline_writes_results(tmp_path):
     assert saved["conditions"]["a"] == json.loads(json.dumps(result["conditions"]["a"]))
     md = (out / "results.md").read_text()
     assert "| c[b, abstain=0.5] |" in md and "unknown halluc." in md
-    assert set(saved["rl_people_view"]) == {"a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "d[b, abstain=0, judge]"}
-    assert saved["selected"] in (None, "c[b, abstain=0]", "c[b, abstain=0.5]") and "chosen on the RL people" in md
+    assert set(saved["rl_people_view"]) == {"a", "b", "c[b, abstain=0]", "c[b, abstain=0.5]", "c[a, abstain=0]",
+                                            "d[b, abstain=0, judge]"}
+    assert saved["selected"] == "c[b, abstain=0]" and "**Headline (fixed by the config" in md
+    assert "plays no part in choosing the headline" in md
     assert (out / "abstain.png").stat().st_size > 1000
     with pytest.raises(ScalelabError, match="--overwrite"):
         ab.run_abstain(cfg, a, log=lambda *_: None)
@@ -184,6 +179,7 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "abstain.rl_from" in err('abstain.rl_from=["c"]')
+    assert "abstain.sweep_from" in err('abstain.sweep_from=["base"]')
     assert "between abstain.wrong_reward" in err("abstain.abstain_rewards=[2.0]")
     assert "unknown config key 'abstain.nope'" in err("abstain.nope=1")
     assert "sft_fraction" in err("abstain.sft_fraction=0.8")

@@ -51,6 +51,9 @@ class AbstainConfig:
     sft_lr: float = 3e-4
     sft_warmup_steps: int = 10
     rl_from: list[str] = field(default_factory=lambda: ["a", "b"])  # SFT conditions RL starts from
+    # of those, the ones whose RL runs every abstain reward; the others run the first reward only (RL from (a)
+    # never samples "I don't know", so every reward gives it the same policy: a sweep there only costs time)
+    sweep_from: list[str] = field(default_factory=lambda: ["a", "b"])
     abstain_rewards: list[float] = field(default_factory=lambda: [0.0])  # the sweep; the first is the headline
     correct_reward: float = 1.0
     wrong_reward: float = -1.0
@@ -86,6 +89,7 @@ def validate(a: AbstainConfig) -> None:
          "and leave unknown people for evaluation"),
         (a.sft_steps >= 1 and a.sft_batch_size >= 1 and a.sft_lr > 0, "abstain.sft_steps, sft_batch_size and sft_lr must be positive"),
         (all(x in ("a", "b") for x in a.rl_from), "abstain.rl_from may only hold \"a\" and \"b\""),
+        (all(x in ("a", "b") for x in a.sweep_from), "abstain.sweep_from may only hold \"a\" and \"b\""),
         (a.scorer_from in ("a", "b"), "abstain.scorer_from must be \"a\" or \"b\""),
         (len(a.abstain_rewards) >= 1, "abstain.abstain_rewards needs at least one value"),
         (a.wrong_reward < a.correct_reward and all(a.wrong_reward <= r <= a.correct_reward for r in a.abstain_rewards),
@@ -144,17 +148,14 @@ def meets_target(cond: dict, ref: dict, cut: float = 0.5, drop: float = 0.05) ->
             and cond["known_accuracy"] >= ref["known_accuracy"] - drop - 1e-12)
 
 
-def select_on_rl_people(rl_view: dict[str, dict], cut: float = 0.5, drop: float = 0.05) -> str | None:
-    """The RL condition to report as the headline, chosen without the evaluation people.
+def headline_condition(a: AbstainConfig) -> str | None:
+    """The RL condition reported as the headline: fixed by the config before anything runs.
 
-    Each policy is scored again on the people RL trained on. Among the RL conditions that meet the
-    target against (a) there, the one with the best known accuracy wins (ties: less hallucination).
-    The evaluation people's numbers play no part, so the headline is not picked on the test set.
+    It is RL from the first of ``rl_from`` with the first abstain reward. A headline picked after the
+    runs would need people that neither trained nor evaluate: the RL people cannot serve, because RL
+    learns them (every RL condition scores near 1.0 known accuracy and 0 hallucination on them).
     """
-    ok = [n for n, m in rl_view.items() if n.startswith("c[") and meets_target(m, rl_view["a"], cut, drop)]
-    if not ok:
-        return None
-    return max(ok, key=lambda n: (rl_view[n]["known_accuracy"], -rl_view[n]["unknown_hallucination"]))
+    return f"c[{a.rl_from[0]}, abstain={a.abstain_rewards[0]:g}]" if a.rl_from else None
 
 
 # -- people and data --------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
         rl_view[name] = evaluate(models[name], rl_people, a)
     histories = {}
     for init_name in a.rl_from:
-        for r in a.abstain_rewards:
+        for r in a.abstain_rewards if init_name in a.sweep_from else a.abstain_rewards[:1]:
             name = f"c[{init_name}, abstain={r:g}]"
             t = time.perf_counter()
             policy, hist, _ = rl(models[init_name], rl_items, a, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
@@ -414,7 +415,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     for name, m in conditions.items():
         if name.startswith(("c[", "d[")):
             m["meets_target_vs_a"] = meets_target(m, conditions["a"], a.target_hallucination_cut, a.target_accuracy_drop)
-    selected = select_on_rl_people(rl_view, a.target_hallucination_cut, a.target_accuracy_drop)
+    selected = headline_condition(a)
     timings["total"] = time.perf_counter() - t0
     result = {"abstain": asdict(a), "world": asdict(world.cfg), "people": {k: len(v) for k, v in groups.items()},
               "rl_people_view": rl_view, "selected": selected,
@@ -450,8 +451,8 @@ def results_markdown(result: dict) -> str:
                      f"{m['unknown_abstain']:.3f} | {m['unknown_hallucination']:.3f} | {m['unknown_lucky']:.3f} | {target} |")
     sel = result.get("selected")
     if "rl_people_view" in result:
-        lines += ["", "The headline is chosen on the RL people (the people RL trained on), never on the evaluation "
-                  "people: among RL conditions that meet the target against (a) there, the best known accuracy.", "",
+        lines += ["", "The same policies on the RL people (the people RL trained on): RL learns these people, so "
+                  "this table shows how far RL fits them, and it plays no part in choosing the headline.", "",
                   "| condition | RL people: known acc | RL people: unknown halluc. | target vs (a) on RL people |",
                   "|---|---|---|---|"]
         view = result["rl_people_view"]
@@ -462,11 +463,10 @@ def results_markdown(result: dict) -> str:
             lines.append(f"| {name} | {m['known_accuracy']:.3f} | {m['unknown_hallucination']:.3f} | {hit} |")
         if sel:
             m = result["conditions"][sel]
-            lines += ["", f"**Selected: {sel}.** On the evaluation people: known accuracy {m['known_accuracy']:.3f}, "
+            lines += ["", f"**Headline (fixed by the config: the first of rl_from, the first abstain reward): {sel}.** "
+                      f"On the evaluation people: known accuracy {m['known_accuracy']:.3f}, "
                       f"hallucination {m['unknown_hallucination']:.3f}; target "
                       f"{'met' if m['meets_target_vs_a'] else 'not met'} against (a)."]
-        else:
-            lines += ["", "**No RL condition met the target on the RL people**, so none is selected."]
     if result["scorer"]:
         s = result["scorer"]
         lines += ["", f"Learned judge: held-out accuracy {s['scorer_heldout_accuracy']:.3f} on generated pairs."]
