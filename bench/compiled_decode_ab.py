@@ -1,12 +1,14 @@
-"""The compiled decode step with and without inductor's C++ wrapper, side by side in one process.
+"""Two inductor option sets for the compiled decode step, side by side in one process.
 
-Two engines with ``compile=True`` decode the same 16 prompts greedily: one compiled with the
-Python wrapper (the graph's kernels launched from a generated Python function), one with
-``cpp_wrapper`` (launched from generated C++), which the engine now uses. They alternate, and
-each keeps its best steady-state step time over ``--repeats`` rounds. The tokens must agree.
+Two engines with ``compile=True`` decode the same 16 prompts greedily, each compiled with the
+engine's shipped options (``scalelab.infer.engine._INDUCTOR_OPTIONS``) plus its own overrides.
+They alternate, and each keeps its best steady-state step time over ``--repeats`` rounds. The
+tokens must agree. The default pair is the Python wrapper against the C++ wrapper (the graph's
+kernels launched from a generated Python function, or from generated C++); ``--a``/``--b`` set
+other pairs, e.g. ``--a cpp.enable_concat_linear=false --b cpp.enable_concat_linear=true``.
 Results are appended to bench/results/compiled_decode_ab.md.
 
-    python bench/compiled_decode_ab.py [--threads 2] [--pairs 3]
+    python bench/compiled_decode_ab.py [--threads 2] [--pairs 3] [--a KEY=VALUE ...] [--b KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -19,7 +21,23 @@ import torch
 
 from generate import compiled_engine, decode_bench_setup
 from results_file import append_results
-from scalelab.infer.engine import GenerationParams
+from scalelab.infer.engine import _INDUCTOR_OPTIONS, GenerationParams
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` overrides; VALUE is true/false, an int, or a string."""
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: option override {item!r} is not KEY=VALUE")
+        low = value.lower()
+        out[key] = True if low == "true" else False if low == "false" else int(value) if value.isdigit() else value
+    return out
+
+
+def label(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "shipped"
 
 
 def main() -> None:
@@ -30,22 +48,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="independent A/B pairs (fresh engines each)")
     ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--a", nargs="*", default=["cpp_wrapper=false"], help="overrides of the shipped options for A")
+    ap.add_argument("--b", nargs="*", default=[], help="overrides of the shipped options for B")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "compiled_decode_ab.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    over = {"A": parse_options(args.a), "B": parse_options(args.b)}
 
     tok, model, prompts = decode_bench_setup(args.vocab, args.depth, args.n_embd)
 
     def run(engine, n):
         return engine.generate(prompts, GenerationParams(max_new_tokens=n, temperature=0.0, stop_token_ids=()))
 
-    def build(options: dict):
-        return compiled_engine(model, tok, 16, options, lambda e: run(e, 8))
+    def build(overrides: dict):
+        return compiled_engine(model, tok, 16, {**_INDUCTOR_OPTIONS, **overrides}, lambda e: run(e, 8))
 
-    variants = {"python wrapper": {"freezing": True}, "C++ wrapper": {"freezing": True, "cpp_wrapper": True}}
     rows = []
     for pair in range(args.pairs):
-        engines = {name: build(opts) for name, opts in variants.items()}
+        engines = {name: build(o) for name, o in over.items()}
         best = {name: float("inf") for name in engines}
         for _ in range(args.repeats):
             for name, engine in engines.items():
@@ -56,14 +76,14 @@ def main() -> None:
                 run(engine, 64)
                 best[name] = min(best[name], (time.perf_counter() - t - t1) / 63)
         same = len({tuple(tuple(c.tokens) for c in run(e, 32)) for e in engines.values()}) == 1
-        py, cpp = best["python wrapper"], best["C++ wrapper"]
-        rows.append(f"| {pair + 1} | {1000 * py:.2f} | {1000 * cpp:.2f} | {100 * (1 - cpp / py):.1f}% | {'yes' if same else 'NO'} |")
-    table = ["| pair | Python wrapper (ms/step) | C++ wrapper (ms/step) | C++ faster by | same tokens |",
-             "|---|---|---|---|---|", *rows]
+        a, b = best["A"], best["B"]
+        rows.append(f"| {pair + 1} | {1000 * a:.2f} | {1000 * b:.2f} | {100 * (1 - b / a):.1f}% | {'yes' if same else 'NO'} |")
+    table = ["| pair | A (ms/step) | B (ms/step) | B faster by | same tokens |", "|---|---|---|---|---|", *rows]
     print("\n".join(table))
     append_results(args.results, [
         f"model: depth {args.depth}, width {args.n_embd}, vocab {args.vocab}, swiglu, fp32; batch 16, 64-token prompts, "
         f"greedy; torch threads {args.threads}; best of {args.repeats} alternating rounds per pair",
+        f"shipped options: {label(_INDUCTOR_OPTIONS)}; A: {label(over['A'])}; B: {label(over['B'])}",
     ])
     with open(args.results, "a", encoding="utf-8") as f:
         f.write("\n" + "\n".join(table) + "\n")

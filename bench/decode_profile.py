@@ -9,7 +9,10 @@ prints the rate that implies. When that rate is near what the host's memory deli
 is bound by memory traffic, and only reading fewer bytes makes it faster.
 
 A streaming read of a buffer larger than the step's working set gives the host's rate for
-comparison. Results are appended to bench/results/decode_profile.md.
+comparison. Two more measurements show where the host's caches end: the read rate over buffers
+of 32 to 192 MB (it drops where a buffer no longer fits the cache this VM gets), and the step time
+along one long generation, against the bytes that step reads (weights plus keys and values up to
+its span). Results are appended to bench/results/decode_profile.md.
 
     python bench/decode_profile.py [--threads 2] [--depth 6] [--n-embd 384] [--vocab 4096]
 """
@@ -23,22 +26,37 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
-from generate import compiled_engine, decode_bench_setup
+from generate import compiled_engine, decode_bench_setup, decode_step_bytes, stream_read_gb_s
 from results_file import append_results
 import scalelab.infer.engine as engine_module
 from scalelab.infer.engine import GenerationParams
 
 
-def stream_read_gb_s(n_bytes: int, repeats: int = 5) -> float:
-    """Best rate of summing a float32 buffer of ``n_bytes`` (a plain streaming read)."""
-    x = torch.ones(n_bytes // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return n_bytes / best / 1e9
+def read_rate_by_size(sizes_mb=(32, 48, 64, 80, 96, 128, 192)) -> list[tuple[int, float]]:
+    """(MB, GB/s) of a streaming read for each buffer size: the rate falls where a buffer outgrows the cache."""
+    return [(mb, stream_read_gb_s(mb * 1_000_000)) for mb in sizes_mb]
+
+
+def step_ms_by_span(engine, prompts, new_tokens: int, rounds: int = 3) -> list[float]:
+    """Best time of each decode step (step i runs at key span prompt length + 1 + i) over ``rounds`` generations."""
+    params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    best: list[float] = []
+    for _ in range(rounds):
+        reqs = [engine.submit(p, params) for p in prompts]
+        engine.step()  # the prefill
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            if not engine.step():
+                break
+            dt = (time.perf_counter() - t0) * 1e3
+            if i == len(best):
+                best.append(dt)
+            else:
+                best[i] = min(best[i], dt)
+            i += 1
+        assert all(r.done for r in reqs)
+    return best
 
 
 def packed_matmuls_alone_ms(model, batch: int, repeats: int = 30) -> tuple[float, float]:
@@ -70,6 +88,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--long-new-tokens", type=int, default=192, help="length of the generation timed step by step")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "decode_profile.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,11 +135,8 @@ def main() -> None:
     total_us = sum(ev.self_cpu_time_total for ev in ops) / n
 
     c = model.config.resolved()
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                       if p.dim() == 2 and name != "embed.weight")
-    spans = range(args.prompt_len + 1, args.prompt_len + args.new_tokens)
-    mean_span = sum(spans) / len(spans)
-    kv_bytes = 2 * c.depth * args.batch * c.n_kv_head * c.head_dim * 4 * mean_span
+    mean_span = args.prompt_len + args.new_tokens / 2  # decode steps run at spans prompt+1 .. prompt+new-1
+    weight_bytes, kv_bytes = decode_step_bytes(model, args.batch, mean_span)
     working_set = weight_bytes + kv_bytes
     host = stream_read_gb_s(int(4 * working_set))
 
@@ -141,6 +157,19 @@ def main() -> None:
         f"the same matmuls alone, back to back (weights warm in cache): {alone_ms:.2f} ms, {alone_gflops:.0f} GFLOP/s",
         f"memory floor for one step at the host's streaming rate: {floor_ms:.2f} ms ({best * 1e3 / floor_ms:.2f}x of it used)",
     ]
+    rates = read_rate_by_size()
+    lines.append("host streaming read by buffer size: " + ", ".join(f"{mb} MB {r:.1f} GB/s" for mb, r in rates))
+    # the long generation runs on the shipped (C++-wrapper) graph, like the step time above
+    engine = compiled_engine(model, tok, args.batch, shipped, warm)
+    per_step = step_ms_by_span(engine, prompts, args.long_new_tokens)
+    kv_per_span = decode_step_bytes(model, args.batch, 1)[1]
+    marks = []
+    for i in range(0, len(per_step), 16):
+        window = per_step[i : i + 16]
+        span = args.prompt_len + 1 + i + len(window) // 2
+        marks.append(f"span {span}: {(weight_bytes + kv_per_span * span) / 1e6:.0f} MB, {min(window):.2f} ms")
+    lines.append(f"step time along one {args.long_new_tokens}-token generation (best step of each 16, over 3 rounds), "
+                 "with the bytes that step reads: " + "; ".join(marks))
     print("\n".join(lines))
     append_results(args.results, lines)
 

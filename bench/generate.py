@@ -88,6 +88,39 @@ def compiled_engine(model, tok, max_batch: int, options: dict, warm):
     return engine
 
 
+def stream_read_gb_s(n_bytes: int, repeats: int = 5) -> float:
+    """Best rate of summing a float32 buffer of ``n_bytes`` (a plain streaming read)."""
+    x = torch.ones(n_bytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
+
+
+def decode_step_bytes(model, batch: int, span: float) -> tuple[int, float]:
+    """(weight bytes, key and value bytes) one decode step of ``batch`` rows reads at key span ``span``:
+    every weight matrix but the embedding table (of which it reads one row per token)."""
+    c = model.config.resolved()
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if p.dim() == 2 and name != "embed.weight")
+    itemsize = next(model.parameters()).element_size()
+    return weights, 2 * c.depth * batch * c.n_kv_head * c.head_dim * itemsize * span
+
+
+def cache_state(step_bytes: float) -> str:
+    """The host's read rate over a buffer the size of a decode step's bytes and over a buffer 2.5x that.
+
+    This VM shares its last-level cache with other tenants, and how much of it the VM gets moves
+    from minute to minute. When the step's bytes fit, the first rate is about twice the second;
+    when they do not, the two are close, and a memory-bound decode step is slower.
+    """
+    fit, big = stream_read_gb_s(int(step_bytes)), stream_read_gb_s(int(2.5 * step_bytes))
+    return f"{step_bytes / 1e6:.0f} MB {fit:.1f} GB/s, {2.5 * step_bytes / 1e6:.0f} MB {big:.1f} GB/s"
+
+
 def best_times(fns: dict, repeats: int) -> dict:
     """Best-of-``repeats`` wall time of each function, run round-robin.
 
@@ -230,6 +263,8 @@ def main() -> None:
     mixed_lens = torch.randint(args.prompt_len // 4, args.prompt_len * 2 + 1, (max_batch,), generator=g).tolist()
     mixed_prompts = [stream[i * 4 * args.prompt_len :][:n] for i, n in enumerate(mixed_lens)]
 
+    weight_bytes, kv_bytes = decode_step_bytes(model, max_batch, args.prompt_len + args.new_tokens / 2)
+    state_before = cache_state(weight_bytes + kv_bytes)
     rows = []
     N = args.new_tokens
     for batch in (int(b) for b in args.batches.split(",")):
@@ -252,6 +287,7 @@ def main() -> None:
     t = best_times({"theirs": mixed_theirs, "ours": mixed_ours, "ours compiled": lambda: mixed_ours(True)},
                    args.repeats)
     t_theirs, t_ours, t_compiled = t["theirs"], t["ours"], t["ours compiled"]
+    state_after = cache_state(weight_bytes + kv_bytes)
 
     c = model.config
     lines = [
@@ -264,6 +300,8 @@ def main() -> None:
         f"batch {max_batch} compiled engine {yes(agree_compiled)}"
         + ("" if agree_hf_compiled is None else f", HF static cache + compile {yes(agree_hf_compiled)}"),
         "the CPU is shared with other jobs, so single numbers are noisy; compare rows of one run",
+        f"a batch-{max_batch} decode step reads {weight_bytes / 1e6:.1f} MB of weights and {kv_bytes / 1e6:.1f} MB of "
+        f"keys and values (mean span); host streaming read before the timings: {state_before}; after: {state_after}",
         "",
         "| path | batch | time to first token (ms) | decode tokens/s | total tokens/s | decode vs HF | vs best HF |",
         "|---|---|---|---|---|---|---|",
@@ -286,9 +324,9 @@ def main() -> None:
         f"| {t_theirs / t_compiled:.2f}× |",
     ]
     print("\n".join(lines))
-    append_results(args.results, lines[:4])
+    append_results(args.results, lines[:5])
     with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(lines[5:]) + "\n")
+        f.write("\n" + "\n".join(lines[6:]) + "\n")
 
 
 if __name__ == "__main__":

@@ -165,9 +165,11 @@ class _Seq:
 
 # freezing: weights become constants, so linear layers use prepacked weights. cpp_wrapper: the graph's
 # kernels are launched from generated C++ rather than a Python function, which took 2-10% off a batch-16
-# decode step of a 13.8M model on 2 CPU threads (bench/compiled_decode_ab.py). Neither
-# cpp.enable_concat_linear (wider merged matmuls) nor max-autotune's CPP GEMMs gave a gain we could measure.
-_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+# decode step of a 13.8M model on 2 CPU threads (bench/compiled_decode_ab.py). cpp.enable_concat_linear
+# merges the q/k/v and gate/up matmuls that read the same input into one wider matmul each (7 matmuls a
+# layer become 4): 0-7% off the same step (same bench, --b cpp.enable_concat_linear=true). max-autotune's
+# CPP GEMMs gave no gain we could measure.
+_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}
 
 
 class _DecodeAllSlots(torch.nn.Module):
