@@ -31,6 +31,11 @@ def parse_options(pairs: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: option override {item!r} is not KEY=VALUE")
+        node = torch._inductor.config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                raise SystemExit(f"error: {key!r} is not an inductor option (torch._inductor.config)")
+            node = getattr(node, part)
         low = value.lower()
         out[key] = True if low == "true" else False if low == "false" else int(value) if value.isdigit() else value
     return out
