@@ -1,0 +1,35 @@
+"""The decode benchmarks' own inputs: option overrides and the byte count they report."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import compiled_decode_ab  # noqa: E402
+from generate import decode_step_bytes, random_model  # noqa: E402
+
+
+def test_option_overrides_parse_and_bad_ones_fail_in_one_line():
+    assert compiled_decode_ab.parse_options(["cpp.enable_concat_linear=true", "freezing=false"]) == {
+        "cpp.enable_concat_linear": True, "freezing": False}
+    for bad, why in (("cpp.no_such=true", "is not an inductor option"), ("nope", "is not KEY=VALUE")):
+        with pytest.raises(SystemExit, match=why):
+            compiled_decode_ab.parse_options([bad])
+    # from the command line: refused before any model is built, one line, non-zero exit
+    proc = subprocess.run([sys.executable, str(BENCH / "compiled_decode_ab.py"), "--b", "cpp.no_such=true"],
+                          capture_output=True, text=True, cwd=BENCH, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "error: 'cpp.no_such' is not an inductor option (torch._inductor.config)"]
+
+
+def test_decode_step_bytes_counts_every_matrix_but_the_embedding():
+    model = random_model(vocab_size=64, depth=2, n_embd=32, head_dim=16, block=32)
+    weights, kv = decode_step_bytes(model, batch=3, span=5)
+    c = model.config.resolved()
+    assert weights == 4 * (model.num_params() - sum(p.numel() for n, p in model.named_parameters()
+                                                    if p.dim() == 1 or n == "embed.weight"))
+    assert kv == 2 * c.depth * 3 * c.n_kv_head * c.head_dim * 4 * 5
