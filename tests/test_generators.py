@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from scalelab.data import registry
 from scalelab.data import generators as g
 from scalelab.data.generators import Example, available, describe, generate, generator_params, get_generator
 from scalelab.data.world import World, WorldConfig
@@ -89,7 +90,7 @@ def test_registry_errors_are_scalelab_errors():
 
 
 def test_a_new_generator_plugs_in(monkeypatch):
-    monkeypatch.setattr(g, "_REGISTRY", dict(g._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @g.register("reverse")
     def reverse(n: int, rng: random.Random, *, length: int = 4) -> list[Example]:

@@ -18,8 +18,8 @@ import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from scalelab.data.generators import Example, generate
-from scalelab.data.generators import available as available_generators
+from scalelab.data.registry import Example, generate
+from scalelab.data.registry import available as available_generators
 from scalelab.errors import ScalelabError
 
 FIRST_NAMES = (

@@ -8,19 +8,9 @@ Importing this package also registers the CoT data generators ("cot_addition", "
 
 from __future__ import annotations
 
-from scalelab.errors import ScalelabError
-from scalelab.tasks.arithmetic import ADDITION, EXPRESSION, MULTIPLICATION
-from scalelab.tasks.base import Problem, ReasoningTask
-from scalelab.tasks.countdown import COUNTDOWN
-from scalelab.tasks.sudoku import SUDOKU
-
-TASKS: dict[str, ReasoningTask] = {t.name: t for t in (ADDITION, MULTIPLICATION, EXPRESSION, COUNTDOWN, SUDOKU)}
-
-
-def get_task(name: str) -> ReasoningTask:
-    if name not in TASKS:
-        raise ScalelabError(f"unknown reasoning task '{name}' (known: {', '.join(TASKS)})")
-    return TASKS[name]
+# The built-in tasks: importing their modules registers them (in base.TASKS and in the generator registry).
+from scalelab.tasks import arithmetic, countdown, sudoku  # noqa: F401
+from scalelab.tasks.base import TASKS, Problem, ReasoningTask, get_task
 
 
 __all__ = ["TASKS", "Problem", "ReasoningTask", "get_task"]

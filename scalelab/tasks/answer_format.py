@@ -8,10 +8,12 @@ rewarded separately from correctness.
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 from scalelab.errors import ScalelabError
-from scalelab.tasks.base import Problem
+from scalelab.data.registry import Example
+from scalelab.tasks.base import Problem, ReasoningTask, get_task
 
 ANSWER_MARKER = "Answer:"
 
@@ -38,8 +40,6 @@ def parse_answer(text: str) -> str | None:
 def verify(problem: Problem, text: str) -> dict:
     """{"correct", "formatted", "answer"}: formatted means the reply has a non-empty answer line;
     correct means the task's verifier accepts that answer. A malformed reply is never correct."""
-    from scalelab.tasks import get_task
-
     answer = parse_answer(text)
     correct = answer is not None and get_task(problem.task).check(problem, answer)
     return {"correct": bool(correct), "formatted": answer is not None, "answer": answer}
@@ -67,3 +67,10 @@ def make_reward(correct: float = 1.0, formatted: float = 0.1, wrong: float = 0.0
 def force_answer_suffix() -> str:
     """What to append to a thinking trace cut off by a token budget so the model answers next."""
     return f"\n{ANSWER_MARKER}"
+
+
+def as_examples(task: ReasoningTask, generator_name: str, n: int, rng: random.Random, difficulty: int) -> list[Example]:
+    """Problems as ``Example(prompt, answer = reply with thinking)``; meta adds the final answer."""
+    return [Example(generator_name, p.prompt, render_reply(p, with_thinking=True),
+                    {**p.meta, "difficulty": p.difficulty, "final_answer": p.answer})
+            for p in task.sample(rng, n, difficulty)]

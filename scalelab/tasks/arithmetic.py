@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import random
 
-from scalelab.data.generators import Example, register
-from scalelab.tasks.base import Problem, ReasoningTask, as_examples, operand_text, parse_int, render_expression
+from scalelab.data.registry import Example, register
+from scalelab.tasks.answer_format import as_examples
+from scalelab.tasks.base import Problem, ReasoningTask, register_task, operand_text, parse_int, render_expression
 
 
 def _operand(rng: random.Random, digits: int) -> int:
@@ -134,7 +135,9 @@ class ExpressionTask(_IntegerAnswerTask):
 
 # -- data-generator registry: the CoT replies as pretraining / SFT text -------------------------------
 
-ADDITION, MULTIPLICATION, EXPRESSION = AdditionTask(), MultiplicationTask(), ExpressionTask()
+ADDITION = register_task(AdditionTask())
+MULTIPLICATION = register_task(MultiplicationTask())
+EXPRESSION = register_task(ExpressionTask())
 
 
 @register("cot_addition")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from scalelab.data.generators import Example
 from scalelab.errors import ScalelabError
 
 
@@ -69,14 +68,6 @@ class ReasoningTask:
         raise NotImplementedError
 
 
-def as_examples(task: ReasoningTask, generator_name: str, n: int, rng: random.Random, difficulty: int) -> list[Example]:
-    """Problems as ``Example(prompt, answer = reply with thinking)``; meta adds the final answer."""
-    from scalelab.tasks.answer_format import render_reply
-
-    return [Example(generator_name, p.prompt, render_reply(p, with_thinking=True),
-                    {**p.meta, "difficulty": p.difficulty, "final_answer": p.answer})
-            for p in task.sample(rng, n, difficulty)]
-
 
 def parse_int(text: str) -> int | None:
     """A plain integer ("-77", "4821"), or None: no thousands separators, no decimals, no words."""
@@ -109,3 +100,21 @@ def render_expression(tree) -> str:
 def operand_text(value: int) -> str:
     # A negative intermediate is bracketed: "12 - (-4)", not "12 - -4".
     return f"({value})" if value < 0 else str(value)
+
+
+# The registry of reasoning tasks by name. The built-in tasks register themselves when scalelab.tasks
+# (the package) imports their modules; Problem.task names an entry here.
+TASKS: dict[str, ReasoningTask] = {}
+
+
+def register_task(task: ReasoningTask) -> ReasoningTask:
+    if task.name in TASKS:
+        raise ValueError(f"reasoning task '{task.name}' registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> ReasoningTask:
+    if name not in TASKS:
+        raise ScalelabError(f"unknown reasoning task '{name}' (known: {', '.join(TASKS)})")
+    return TASKS[name]

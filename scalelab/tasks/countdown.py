@@ -14,8 +14,9 @@ import random
 import warnings
 from collections import Counter
 
-from scalelab.data.generators import Example, register
-from scalelab.tasks.base import Problem, ReasoningTask, as_examples, parse_int, render_expression
+from scalelab.data.registry import Example, register
+from scalelab.tasks.answer_format import as_examples
+from scalelab.tasks.base import Problem, ReasoningTask, register_task, parse_int, render_expression
 
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _MAX_NUMBER, _MAX_TARGET = 12, 999
@@ -157,7 +158,7 @@ def solve(numbers: list[int], target: int) -> str | None:
     return search([(n, str(n)) for n in numbers])
 
 
-COUNTDOWN = CountdownTask()
+COUNTDOWN = register_task(CountdownTask())
 
 
 @register("countdown")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import random
 import re
 
-from scalelab.data.generators import Example, register
-from scalelab.tasks.base import Problem, ReasoningTask, as_examples
+from scalelab.data.registry import Example, register
+from scalelab.tasks.answer_format import as_examples
+from scalelab.tasks.base import Problem, ReasoningTask, register_task
 
 SIZE = 4
 DIGITS = frozenset(range(1, SIZE + 1))
@@ -158,7 +159,7 @@ class SudokuTask(ReasoningTask):
         return givens is not None and is_solution(parse_grid(answer), givens)
 
 
-SUDOKU = SudokuTask()
+SUDOKU = register_task(SudokuTask())
 
 
 @register("sudoku4")
