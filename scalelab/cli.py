@@ -115,7 +115,7 @@ def _cmd_sample(args) -> None:
 
 def _cmd_report(args) -> None:
     from scalelab.report import write_report
-    from scalelab.report_card import collect_run, write_report_card
+    from scalelab.report import collect_run, write_report_card
 
     if len(args.run_dirs) == 1 and args.out is None and collect_run(args.run_dirs[0]).stage == "base":
         # one pretraining run, as before: its report.md and loss.png are rewritten too

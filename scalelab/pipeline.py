@@ -120,7 +120,7 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
             write_json(run / "summary.json", summary)
             if "report" in stages:
                 from scalelab.report import write_report
-                from scalelab.report_card import write_report_card
+                from scalelab.report import write_report_card
 
                 write_report(run)
                 write_report_card([run])

@@ -12,7 +12,7 @@ from scalelab.cli import main
 from scalelab.config import Config, load_config, to_toml
 from scalelab.errors import ScalelabError
 from scalelab.pipeline import pretrain
-from scalelab.report_card import collect_runs, write_report_card
+from scalelab.report import collect_runs, write_report_card
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -13,17 +13,14 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalelab.errors import ScalelabError
+from scalelab.report.blocks import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Section, Table
+from scalelab.report.html import render_html
 from scalelab.train.metrics import read_metrics
 
 CARD_NAME = "report_card"
-STAGE_TITLES = {
-    "base": "Pretraining (base)", "sft": "SFT", "rm": "Reward model (RM)", "dpo": "DPO", "ppo": "PPO",
-    "grpo": "GRPO / RL", "scaling": "Scaling sweep", "study": "Study",
-}
 # Flat-metric files an eval harness may leave in a run folder; results.json only counts inside a run folder,
 # because a study's results.json is a dump of its whole design, not metrics.
 EVAL_RESULT_FILES = ("eval_results.json", "results.json")
@@ -39,65 +36,6 @@ PLOT_CAPTIONS = {
 SKIPPED_KEYS = {"checkpoint", "init", "stage"}
 MAX_SAMPLES = 5
 MAX_TABLE_ROWS = 60
-
-
-@dataclass
-class Figure:
-    path: Path
-    caption: str
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list = field(default_factory=list)  # str (a paragraph, Markdown inline), Table, Figure, Code, Notes
-
-
-@dataclass
-class Code:
-    text: str
-    label: str  # shown as the <details> summary in HTML, a bold line in Markdown
-    lang: str = ""
-
-
-@dataclass
-class Notes:
-    """A Markdown file a study wrote, shown as it is."""
-
-    text: str
-    label: str
-
-
-@dataclass
-class RunInfo:
-    path: Path
-    name: str
-    stage: str
-    records: list[dict] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    steps: float | None = None
-    wall_seconds: float | None = None
-    tokens: float | None = None
-    flops: float | None = None
-    flops_source: str = ""
-    samples: list[str] = field(default_factory=list)
-    figures: list[Figure] = field(default_factory=list)
-    notes: list[Notes] = field(default_factory=list)
-    table: Table | None = None
-    config_text: str = ""
-    recorded_machine: dict = field(default_factory=dict)
-
-
-@dataclass
-class Card:
-    title: str
-    sections: list[Section]
 
 
 def _load_json(path: Path):
@@ -472,7 +410,6 @@ def write_report_card(run_dirs, out: str | Path | None = None, title: str | None
 
     Without ``out`` the card goes into the folder that holds every run (the run folder itself for one run).
     """
-    from scalelab.report_html import render_html
 
     dirs = [Path(d) for d in run_dirs]
     if not dirs:

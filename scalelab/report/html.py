@@ -6,7 +6,7 @@ import base64
 import html
 import re
 
-from scalelab.report_card import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Table
+from scalelab.report.blocks import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Table
 
 STYLE = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2430; background: #f6f7f9;
