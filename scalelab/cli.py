@@ -178,7 +178,7 @@ def _cmd_scaling(args) -> None:
 
 def _cmd_evals(args) -> None:
     from scalelab.config import load_config
-    from scalelab.evals.emergence import run_emergence
+    from scalelab.experiments.emergence import run_emergence
 
     cfg = load_config(args.config, args.overrides)
     result = run_emergence(cfg.scaling.out_dir, n=args.n, seed=cfg.run.seed, progress=cfg.run.progress)

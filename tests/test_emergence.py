@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from scalelab.errors import ScalelabError
-from scalelab.evals import emergence as em
+from scalelab.evals import metrics as M
+from scalelab.experiments import emergence as em
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import ByteTokenizer
 
@@ -27,28 +28,28 @@ def ex(prompt, answer):
 
 
 def test_digit_credit():
-    assert em.digit_credit("1244", "1234") == 0.75
-    assert em.digit_credit("1234", "1234") == 1.0
-    assert em.digit_credit("234", "1234") == 0.75  # right-aligned, missing leading digit
-    assert em.digit_credit("11234", "1234") == 0.8  # an extra digit costs credit
-    assert em.digit_credit("no idea", "42") == 0.0
-    assert em.digit_credit(" 42\nQuestion: 7", "42") == 1.0
-    assert math.isnan(em.digit_credit("Paris", "Paris"))
+    assert M.digit_credit("1244", "1234") == 0.75
+    assert M.digit_credit("1234", "1234") == 1.0
+    assert M.digit_credit("234", "1234") == 0.75  # right-aligned, missing leading digit
+    assert M.digit_credit("11234", "1234") == 0.8  # an extra digit costs credit
+    assert M.digit_credit("no idea", "42") == 0.0
+    assert M.digit_credit(" 42\nQuestion: 7", "42") == 1.0
+    assert math.isnan(M.digit_credit("Paris", "Paris"))
 
 
 def test_edit_distance():
-    assert em.levenshtein("kitten", "sitting") == 3
-    assert em.levenshtein([1, 2, 3], [1, 3]) == 1
-    assert em.normalized_edit_distance(" 1244\nmore", "1234") == 0.25
-    assert em.normalized_edit_distance("", "12") == 1.0
-    assert em.normalized_edit_distance("a very long wrong output", "12") == 1.0  # capped
+    assert M.levenshtein("kitten", "sitting") == 3
+    assert M.levenshtein([1, 2, 3], [1, 3]) == 1
+    assert M.normalized_edit_distance(" 1244\nmore", "1234") == 0.25
+    assert M.normalized_edit_distance("", "12") == 1.0
+    assert M.normalized_edit_distance("a very long wrong output", "12") == 1.0  # capped
 
 
 def test_brier_known_distribution():
     p = torch.tensor([0.5, 0.3, 0.2])
-    assert em.brier_score(p, 0) == pytest.approx(0.25 + 0.09 + 0.04)
-    assert em.brier_score(p, 2) == pytest.approx(0.25 + 0.09 + 0.64)
-    assert em.brier_score(torch.tensor([0.0, 1.0]), 1) == pytest.approx(0.0)
+    assert M.brier_score(p, 0) == pytest.approx(0.25 + 0.09 + 0.04)
+    assert M.brier_score(p, 2) == pytest.approx(0.25 + 0.09 + 0.64)
+    assert M.brier_score(torch.tensor([0.0, 1.0]), 1) == pytest.approx(0.0)
 
 
 def test_logprob_matches_hand_computation():
@@ -64,7 +65,7 @@ def test_logprob_matches_hand_computation():
         want = [lsm[len(p) - 1 + k, t[k]].item() for k in range(len(t))]
         assert g["token_logprobs"] == pytest.approx(want, abs=1e-5)
         probs = lsm[len(p) - 1].exp()
-        assert g["brier"] == pytest.approx(em.brier_score(probs, t[0]), abs=1e-5)
+        assert g["brier"] == pytest.approx(M.brier_score(probs, t[0]), abs=1e-5)
 
 
 def test_score_examples_on_tiny_model():

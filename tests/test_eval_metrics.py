@@ -8,6 +8,7 @@ import torch
 from scalelab.errors import ScalelabError
 from scalelab.evals import metrics as M
 from scalelab.evals.lm import ScorableLM
+from scalelab.experiments import emergence
 
 
 def test_exact_match_normalises_whitespace_and_first_line():
@@ -17,8 +18,6 @@ def test_exact_match_normalises_whitespace_and_first_line():
 
 
 def test_continuous_metrics_are_emergence_ones():
-    from scalelab.evals import emergence
-
     assert M.digit_credit is emergence.digit_credit and M.brier_score is emergence.brier_score
     assert M.digit_credit("1244", "1234") == 0.75
     assert M.normalized_edit_distance("kitten", "sitting") == pytest.approx(3 / 7)

@@ -15,7 +15,7 @@ from scalelab.config import Config, to_toml
 from scalelab.data.world import World, WorldConfig
 from scalelab.errors import ScalelabError
 from scalelab.experiments import abstain as ab
-from scalelab.experiments.answer_scorer import generate_pairs, train_scorer
+from scalelab.evals.answer_scorer import generate_pairs, train_scorer
 from scalelab.experiments.commands import load_experiment_config
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
 from scalelab.tokenizer import ByteTokenizer

@@ -158,7 +158,7 @@ def rule_judge(prompts: list[str], references: list[str], candidates: list[str])
 
 def learned_judge(steps: int = 400, seed: int = 0) -> Judge:
     """The trigram judge of scalelab/experiments/answer_scorer.py: agree 1, abstain 0.5, disagree 0."""
-    from scalelab.experiments.answer_scorer import train_scorer
+    from scalelab.evals.answer_scorer import train_scorer
 
     scorer, _ = train_scorer(steps=steps, seed=seed)
     value = {"agree": 1.0, "abstain": 0.5, "disagree": 0.0}

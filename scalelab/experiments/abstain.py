@@ -281,7 +281,7 @@ def evaluate(model, ev: dict, a: AbstainConfig) -> dict:
 def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
        judge=None):
     """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
-    from scalelab.experiments.answer_scorer import LABELS
+    from scalelab.evals.answer_scorer import LABELS
     from scalelab.posttrain.grpo import GRPOTrainer
 
     value = {"correct": a.correct_reward, "abstain": abstain_reward, "wrong": a.wrong_reward}
@@ -341,7 +341,7 @@ def _pretrain(cfg, out: Path) -> Path:
 
 def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> dict:
     """Every condition, evaluated on held-out people; writes results.json, results.md and abstain.png."""
-    from scalelab.experiments.answer_scorer import train_scorer
+    from scalelab.evals.answer_scorer import train_scorer
     from scalelab.posttrain import common
     from scalelab.runtime import resolve_device, seed_everything
 

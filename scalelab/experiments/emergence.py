@@ -30,13 +30,13 @@ import csv
 import json
 import math
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from scalelab.errors import ScalelabError
+from scalelab.evals.metrics import brier_score, digit_credit, normalized_edit_distance
 from scalelab.evals.tasks import normalize_answer
 from scalelab.infer.sample import SamplingParams, generate
 
@@ -52,57 +52,6 @@ TASK_VARIANTS = {
     "multiplication": [("multiplication_2d", {"digits": 2})],
     "world_qa": [("world_qa", {})],
 }
-_NUMBER = re.compile(r"-?\d+")
-
-
-# -- per-example metrics ------------------------------------------------------------------------------
-
-
-def levenshtein(a, b) -> int:
-    """Edit distance (insert, delete, substitute; each costs 1) between two sequences."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
-def normalized_edit_distance(output: str, answer: str) -> float:
-    output, answer = normalize_answer(output), normalize_answer(answer)
-    return min(1.0, levenshtein(output, answer) / max(1, len(answer)))
-
-
-def digit_credit(output: str, answer: str) -> float:
-    """Right-aligned per-digit credit; NaN when the answer is not an integer."""
-    answer = normalize_answer(answer)
-    if not _NUMBER.fullmatch(answer):
-        return float("nan")
-    # The model's number is the first integer it writes; anything after it is ignored.
-    m = _NUMBER.search(normalize_answer(output))
-    if m is None:
-        return 0.0
-    got = m.group()
-    if got.startswith("-") != answer.startswith("-"):
-        return 0.0
-    got, want = got.lstrip("-"), answer.lstrip("-")
-    width = max(len(got), len(want))
-    got, want = got.rjust(width), want.rjust(width)
-    return sum(g == w for g, w in zip(got, want)) / width
-
-
-def brier_score(probs: torch.Tensor, target: int) -> float:
-    """Multi-class Brier score of one distribution over the vocabulary against one target id."""
-    probs = probs.double()
-    return float((probs.pow(2).sum() - 2 * probs[target] + 1).item())
-
-
-# -- teacher-forced likelihood -----------------------------------------------------------------------
-
-
 def _pair_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     return [tokenizer.bos_id] + tokenizer.encode(prompt), tokenizer.encode(" " + answer)
 
