@@ -23,7 +23,7 @@ from scalelab.data.shards import TokenShards, build_shards, split_documents
 from scalelab.data.sources import load_documents
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
-from scalelab.evals import subtasks
+from scalelab.data import subtask_tags
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
@@ -70,7 +70,7 @@ def prepare(cfg: Config, run_dir: str | Path, env: DistEnv = DistEnv()) -> Prepa
         if cfg.data.source == "world":
             World(cfg.data.world).save(run / "world.json")
             _, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.run.seed)
-            subtasks.save_tags(subtasks.tag_token_stream(val_docs, tokenizer), data_dir)
+            subtask_tags.save_tags(subtask_tags.tag_token_stream(val_docs, tokenizer), data_dir)
     barrier(env)
     return PreparedData(tokenizer=load_tokenizer(tok_dir), shards=TokenShards(data_dir))
 
@@ -93,7 +93,7 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
             (run / CONFIG_FILE).write_text(to_toml(cfg))
         trainer = Trainer(
             cfg, run, data.train_tokens, data.val_tokens, data.shards.bytes_per_token("val"), env=env,
-            val_subtasks=subtasks.load_tags(run / "data", len(data.val_tokens)),
+            val_subtasks=subtask_tags.load_tags(run / "data", len(data.val_tokens)),
         )
         metrics_path = run / "metrics.jsonl"
         if resume and trainer.resume():

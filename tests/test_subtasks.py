@@ -6,15 +6,16 @@ import pytest
 
 from conftest import scalelab_cmd, subprocess_env, tiny_overrides
 from scalelab.data.world import World, WorldConfig
+from scalelab.data import subtask_tags
 from scalelab.evals import subtasks
 from scalelab.tokenizer import build_tokenizer
 
 
 def _tag_names(text: str) -> dict[str, str]:
-    tags = subtasks.tag_world_text(text)
+    tags = subtask_tags.tag_world_text(text)
     out: dict[str, list[str]] = {}
     for ch, t in zip(text, tags):
-        out.setdefault(subtasks.SUBTASKS[t], []).append(ch)
+        out.setdefault(subtask_tags.SUBTASKS[t], []).append(ch)
     return {k: "".join(v) for k, v in out.items()}
 
 
@@ -35,23 +36,23 @@ def test_token_tags_align_with_the_shard_stream():
     world = World(WorldConfig(n_people=20, bios_per_person=1, extra_tasks={"arithmetic": 20}))
     docs = world.pretraining_documents()
     tok = build_tokenizer("bpe", docs, 300)
-    tags = subtasks.tag_token_stream(docs, tok)
+    tags = subtask_tags.tag_token_stream(docs, tok)
     n_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(docs))
     assert tags.shape == (n_tokens,)
-    assert tags[0] == subtasks.IGNORE
-    present = set(np.unique(tags)) - {subtasks.IGNORE}
-    assert present == set(range(len(subtasks.SUBTASKS)))
+    assert tags[0] == subtask_tags.IGNORE
+    present = set(np.unique(tags)) - {subtask_tags.IGNORE}
+    assert present == set(range(len(subtask_tags.SUBTASKS)))
     # Decoding each sub-task's tokens gives back text of that kind.
     stream = np.concatenate([[tok.bos_id, *ids] for ids in tok.encode_batch(docs)])
-    digits = tok.decode(stream[tags == subtasks.SUBTASKS.index("digits")].tolist())
+    digits = tok.decode(stream[tags == subtask_tags.SUBTASKS.index("digits")].tolist())
     assert set(digits.replace(" ", "")) <= set("0123456789")
 
 
 def test_char_tokenizer_tags_too():
     docs = ["Aria B. Holloway works at Emberforge.", "What is 3 + 4? 7"]
     tok = build_tokenizer("char", docs)
-    tags = subtasks.tag_token_stream(docs, tok)
-    assert (tags == subtasks.SUBTASKS.index("names")).sum() == len("Aria B. Holloway")
+    tags = subtask_tags.tag_token_stream(docs, tok)
+    assert (tags == subtask_tags.SUBTASKS.index("names")).sum() == len("Aria B. Holloway")
 
 
 def test_saturation_steps():
@@ -60,11 +61,11 @@ def test_saturation_steps():
 
 
 def test_load_tags_checks_length(tmp_path):
-    subtasks.save_tags(np.zeros(5, dtype=np.uint8), tmp_path)
-    assert subtasks.load_tags(tmp_path, 5).shape == (5,)
+    subtask_tags.save_tags(np.zeros(5, dtype=np.uint8), tmp_path)
+    assert subtask_tags.load_tags(tmp_path, 5).shape == (5,)
     with pytest.raises(Exception, match="rebuild"):
-        subtasks.load_tags(tmp_path, 6)
-    assert subtasks.load_tags(tmp_path / "none", 5) is None
+        subtask_tags.load_tags(tmp_path, 6)
+    assert subtask_tags.load_tags(tmp_path / "none", 5) is None
 
 
 def test_pretrain_logs_subtask_losses_and_plots_them(tmp_path):

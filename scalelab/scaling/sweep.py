@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scalelab.config import Config, to_toml
 from scalelab.errors import ScalelabError
-from scalelab.evals import subtasks
+from scalelab.data import subtask_tags
 from scalelab.model.gpt import GPT
 from scalelab.pipeline import PreparedData, prepare
 from scalelab.runtime import resolve_device
@@ -149,7 +149,7 @@ def train_one(cfg: Config, spec: RunSpec, data: PreparedData, run_dir: Path) -> 
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(to_toml(run_cfg))
     bpt = data.shards.bytes_per_token("val")
-    tags = subtasks.load_tags(data.shards.dir, len(data.val_tokens))
+    tags = subtask_tags.load_tags(data.shards.dir, len(data.val_tokens))
     trainer = Trainer(run_cfg, run_dir, data.train_tokens, data.val_tokens, bpt, val_subtasks=tags)
     logger = MetricsLogger(run_dir / "metrics.jsonl")
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import torch
 
 from scalelab.config import Config
 from scalelab.data.loader import TokenLoader, eval_batches
+from scalelab.data.subtask_tags import SUBTASKS
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.parallel.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, broadcast_object
@@ -115,7 +116,7 @@ class Trainer:
         val_subtasks: np.ndarray | None = None,
     ):
         self.cfg, self.env = cfg, env
-        self.val_subtasks = val_subtasks  # per-token sub-task tags of val_tokens (see evals/subtasks.py)
+        self.val_subtasks = val_subtasks  # per-token sub-task tags of val_tokens (see data/subtask_tags.py)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.val_tokens = val_tokens
@@ -217,8 +218,6 @@ class Trainer:
 
     def eval_val(self) -> tuple[float, float, dict[str, float]]:
         """Val loss, val bits per byte, and the val loss of each sub-task when the val set is tagged."""
-        from scalelab.evals.subtasks import SUBTASKS
-
         t = self.cfg.train
         tagged = self.val_subtasks is not None
         out = evaluate_loss(
