@@ -395,6 +395,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def load_config_with_section(path, overrides, section: str, cls):
+    """(Config, section dataclass) from one TOML file + ``--set`` overrides; ``[section]`` keys go to ``cls``.
+
+    A study keeps its own knobs in its own section (``[abstain]``, ...) and dataclass, so the shared
+    ``Config`` tree does not grow a section per study.
+    """
+    table = read_toml(path) if path else {}
+    apply_overrides(table, list(overrides or []))
+    own = table.pop(section, {})
+    return config_from_dict(table), _build(cls, own, section)
+
+
 def config_from_dict(table: dict) -> Config:
     cfg = _build(Config, table)
     validate(cfg)

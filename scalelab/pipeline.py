@@ -19,12 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from scalelab.config import Config, config_from_dict, load_config, read_toml, to_toml
+from scalelab.data import subtask_tags
+from scalelab.data.generators import generate as generate_examples
 from scalelab.data.shards import TokenShards, build_shards, split_documents
 from scalelab.data.sources import load_documents
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
-from scalelab.data import subtask_tags
+from scalelab.evals.ngram import KneserNeyLM
+from scalelab.evals.tasks import exact_match
+from scalelab.infer.sample import SamplingParams, cut_at_stop, generate
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
+from scalelab.report import write_report, write_report_card
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
 from scalelab.train import checkpoint as ckpt
@@ -119,9 +124,6 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
                 summary["samples"] = sample(run, cfg)
             write_json(run / "summary.json", summary)
             if "report" in stages:
-                from scalelab.report import write_report
-                from scalelab.report import write_report_card
-
                 write_report(run)
                 write_report_card([run])
         barrier(env)
@@ -158,8 +160,6 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 
 def evaluate(run_dir: str | Path, cfg: Config | None = None, data: PreparedData | None = None) -> dict:
     """Full-validation loss and bits per byte, the n-gram baseline on the same tokens, and task exact match."""
-    from scalelab.evals.ngram import KneserNeyLM
-
     run = Path(run_dir)
     cfg = cfg or load_run_config(run)
     data = data or PreparedData(tokenizer=load_tokenizer(run / "tokenizer"), shards=TokenShards(run / "data"))
@@ -194,9 +194,6 @@ def evaluate(run_dir: str | Path, cfg: Config | None = None, data: PreparedData 
 
 
 def _world_tasks(model, tokenizer, cfg: Config) -> dict:
-    from scalelab.data.generators import generate as generate_examples
-    from scalelab.evals.tasks import exact_match
-
     world = World(cfg.data.world)
     n_qa = cfg.eval.qa_examples
     seen = world.qa_pairs(world.qa_train_people)[:n_qa]
@@ -216,8 +213,6 @@ def _world_tasks(model, tokenizer, cfg: Config) -> dict:
 
 def sample(run_dir: str | Path, cfg: Config | None = None, prompt: str | None = None) -> list[dict]:
     """Samples from the run's model; written to samples.jsonl in the run folder."""
-    from scalelab.infer.sample import SamplingParams, cut_at_stop, generate
-
     run = Path(run_dir)
     cfg = cfg or load_run_config(run)
     tokenizer = load_tokenizer(run / "tokenizer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import random
 
 import numpy as np
@@ -40,8 +41,6 @@ def autocast_context(device: torch.device, dtype: str):
 
 def machine_description() -> str:
     """One line naming the CPU (and GPU), for benchmark results files and reports."""
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

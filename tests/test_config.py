@@ -62,7 +62,7 @@ def test_repo_recipes_load():
     import importlib
 
     from scalelab.config import read_toml
-    from scalelab.experiments.commands import load_experiment_config
+    from scalelab.config import load_config_with_section
 
     # TOML section -> (study module, its config dataclass)
     studies = {"abstain": ("abstain", "AbstainConfig"), "flan": ("flan", "FlanConfig"),
@@ -76,7 +76,7 @@ def test_repo_recipes_load():
     for recipe in recipes:
         sections = [k for k in read_toml(recipe) if k in experiment_sections]
         if sections:
-            load_experiment_config(recipe, [], sections[0], experiment_sections[sections[0]])
+            load_config_with_section(recipe, [], sections[0], experiment_sections[sections[0]])
         else:
             load_config(recipe)
 

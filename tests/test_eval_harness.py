@@ -197,14 +197,14 @@ def test_hf_export_scores_like_the_run(run, tmp_path):
 
 def test_icl_study_end_to_end_tiny(tmp_path):
     from conftest import tiny_overrides
-    from scalelab.experiments.commands import load_experiment_config
+    from scalelab.config import load_config_with_section
     from scalelab.experiments.icl import ICLConfig, run_icl
 
     overrides = tiny_overrides(tmp_path / "unused", steps=3) + [
         f'icl.out_dir="{tmp_path / "icl"}"', "icl.depths=[1, 2]", "icl.shots=[0, 1]", "icl.n=3",
         'icl.tasks=["world_qa", "world_qa_mc"]', "model.block_size=128", "data.source=\"world\"",
         "data.world.extra_tasks={}", "train.eval_every=3"]
-    cfg, a = load_experiment_config(None, overrides, "icl", ICLConfig)
+    cfg, a = load_config_with_section(None, overrides, "icl", ICLConfig)
     result = run_icl(cfg, a, log=lambda s: None)
     out = tmp_path / "icl"
     for f in ("results.json", "summary.md", "icl.png"):

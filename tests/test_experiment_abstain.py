@@ -16,7 +16,7 @@ from scalelab.data.world import World, WorldConfig
 from scalelab.errors import ScalelabError
 from scalelab.experiments import abstain as ab
 from scalelab.evals.answer_scorer import generate_pairs, train_scorer
-from scalelab.experiments.commands import load_experiment_config
+from scalelab.config import load_config_with_section
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
 from scalelab.tokenizer import ByteTokenizer
 from scalelab.train import checkpoint as ckpt
@@ -141,7 +141,7 @@ def test_learned_judge_separates_the_three_classes():
 def test_tiny_pipeline_writes_results(tmp_path):
     base = _base_run(tmp_path / "base")
     out = tmp_path / "abstain"
-    cfg, a = load_experiment_config(None, [
+    cfg, a = load_config_with_section(None, [
         "run.progress=false", "train.log_every=1", f'abstain.out_dir="{out}"', f'abstain.base_run="{base}"',
         "abstain.sft_steps=2", "abstain.sft_batch_size=4", "abstain.rl_iterations=2", "abstain.rl_prompts=2",
         "abstain.group_size=2", "abstain.max_new_tokens=4", "abstain.scorer_steps=5", "abstain.max_eval=4",

@@ -14,7 +14,7 @@ from scalelab.errors import ScalelabError
 from scalelab.experiments import reasoning as rs
 from scalelab.experiments import reasoning_tools as rt
 from scalelab.experiments import reasoning_ttc as ttc
-from scalelab.experiments.commands import load_experiment_config
+from scalelab.config import load_config_with_section
 from scalelab.tasks import get_task
 from scalelab.tokenizer import ByteTokenizer
 
@@ -132,7 +132,7 @@ MICRO = [
 
 def test_micro_study_writes_every_section(tmp_path):
     out = tmp_path / "reasoning"
-    cfg, r = load_experiment_config(None, MICRO + [f'reasoning.out_dir="{out}"'], "reasoning", rs.ReasoningConfig)
+    cfg, r = load_config_with_section(None, MICRO + [f'reasoning.out_dir="{out}"'], "reasoning", rs.ReasoningConfig)
     result = rs.run_reasoning(cfg, r, log=lambda *_: None)
     saved = json.loads((out / "results.json").read_text())
     for key in ("compute", "warm_start", "rl", "ttc", "tools", "timings_seconds"):
@@ -170,4 +170,4 @@ def test_bad_config_fails_with_the_key(tmp_path, capsys):
     assert "sample_counts" in err("reasoning.sample_counts=[32]")
     assert "tokenizer.kind" in err("tokenizer.kind=bpe")
     with pytest.raises(ScalelabError, match="unknown config key"):
-        load_experiment_config(None, ["reasoning.sft_stpes=3"], "reasoning", rs.ReasoningConfig)
+        load_config_with_section(None, ["reasoning.sft_stpes=3"], "reasoning", rs.ReasoningConfig)

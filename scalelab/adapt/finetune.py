@@ -28,6 +28,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", 
 
 def add_lora(backbone, rank: int, alpha: float, targets: list[str]) -> list[str]:
     """Inject LoRA adapters into ``backbone`` in place; returns the adapted module names."""
+    # deferred: peft is an optional extra (pip install scalelab[peft])
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:

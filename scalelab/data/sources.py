@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from scalelab.errors import ScalelabError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -90,9 +93,6 @@ def _utf8_lines(f, path: str):
 
 
 def _load_parquet(path: str, field: str, split: str) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for an unreadable file
@@ -108,6 +108,7 @@ def _load_parquet(path: str, field: str, split: str) -> list[str]:
 
 def _load_hf(path: str, field: str, split: str) -> list[str]:
     try:
+        # deferred: HF datasets is an optional extra (pip install scalelab[hf])
         import datasets
     except ImportError:
         raise ScalelabError("data.source = 'hf' needs the datasets package: pip install 'scalelab[hf]'") from None

@@ -29,8 +29,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from scalelab.data import world as W
+from scalelab.data.generators import generate
+from scalelab.data.world import ATTRIBUTES, render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals import metrics as M
+from scalelab.evals.answer_scorer import train_scorer
 from scalelab.evals.fewshot import build_prompt, draw_shots
 
 KINDS = ("generate", "choice", "bpb")
@@ -158,8 +162,6 @@ def rule_judge(prompts: list[str], references: list[str], candidates: list[str])
 
 def learned_judge(steps: int = 400, seed: int = 0) -> Judge:
     """The trigram judge of scalelab/experiments/answer_scorer.py: agree 1, abstain 0.5, disagree 0."""
-    from scalelab.evals.answer_scorer import train_scorer
-
     scorer, _ = train_scorer(steps=steps, seed=seed)
     value = {"agree": 1.0, "abstain": 0.5, "disagree": 0.0}
 
@@ -286,8 +288,6 @@ def _world_qa_splits(world):
 
 
 def _qa_item(q) -> EvalItem:
-    from scalelab.data.world import render_qa
-
     return EvalItem(render_qa(q.question), q.answer, group=q.person_id, meta={"attribute": q.attribute})
 
 
@@ -323,7 +323,6 @@ def _world_facts_newformat(ctx: TaskContext) -> TaskData:
         return EvalItem(f"{person.name} -> {_CARD_LABELS[attr]}:", person.attribute(attr), group=pid,
                         meta={"attribute": attr})
 
-    from scalelab.data.world import ATTRIBUTES
 
     pairs = [(pid, attr) for pid in people for attr in ATTRIBUTES]
     test = _sample(pairs, ctx.n, ctx.seed, "world_facts_newformat")
@@ -332,8 +331,6 @@ def _world_facts_newformat(ctx: TaskContext) -> TaskData:
 
 
 def _attribute_values(world, attribute: str, rng: random.Random, k: int, answer: str) -> list[str]:
-    from scalelab.data import world as W
-
     pools = {"birth_city": W.CITIES, "employer_city": W.CITIES, "university": W.UNIVERSITIES, "major": W.MAJORS,
              "employer": W.EMPLOYERS}
     if attribute in pools:
@@ -360,8 +357,6 @@ def _world_qa_mc(ctx: TaskContext) -> TaskData:
 
 
 def _arithmetic(task: str, ctx: TaskContext, digits: int) -> TaskData:
-    from scalelab.data.generators import generate
-
     seen = set()
     if ctx.world is not None:  # problems pretraining showed are no test of arithmetic
         seen = {e.prompt for examples in ctx.world.task_examples().values() for e in examples}

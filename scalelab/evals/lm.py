@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
+from scalelab.data.world import World
 from scalelab.errors import ScalelabError
+from scalelab.infer.export_hf import find_run_tokenizer
+from scalelab.infer.sample import SamplingParams
+from scalelab.infer.sample import generate as sample_generate
+from scalelab.tokenizer import load_tokenizer
+from scalelab.train.checkpoint import load_model
 
 
 class ScorableLM:
@@ -104,7 +110,6 @@ def _cut(text: str, stop) -> str:
 
 class ScalelabLM(ScorableLM):
     """A model trained by scalelab, with its own tokenizer."""
-
     def __init__(self, model, tokenizer, name: str = "scalelab"):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.bos_id = tokenizer.bos_id
@@ -123,8 +128,6 @@ class ScalelabLM(ScorableLM):
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 16, stop: tuple[str, ...] = ("\n",)) -> str:
         # The KV-cache sampler decodes the same greedy tokens much faster than the plain loop.
-        from scalelab.infer.sample import SamplingParams
-        from scalelab.infer.sample import generate as sample_generate
 
         ids = self.prompt_ids(prompt)[-(self.context_length - 1):]
         budget = min(max_new_tokens, self.context_length - len(ids))
@@ -141,6 +144,7 @@ class HFLM(ScorableLM):
 
     def __init__(self, folder: str | Path, name: str = "hf"):
         try:
+            # deferred: transformers is an optional extra (pip install scalelab[transformers])
             import transformers
         except ImportError:
             raise ScalelabError("scoring a Hugging Face folder needs transformers (pip install transformers)") from None
@@ -155,7 +159,6 @@ class HFLM(ScorableLM):
             self.bos_id = self.tokenizer.bos_token_id
         elif (folder / "tokenizer" / "tokenizer_meta.json").is_file():
             # an export made with --no-tokenizer (byte/char tokenizers), with the run's tokenizer copied beside it
-            from scalelab.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(folder / "tokenizer")
             self._hf_tokenizer = False
@@ -190,9 +193,6 @@ def load_lm(path: str | Path, device: str = "cpu") -> ScorableLM:
         raise ScalelabError(f"run folder not found: {p}")
     if is_hf_folder(p):
         return HFLM(p, name=p.name)
-    from scalelab.infer.export_hf import find_run_tokenizer
-    from scalelab.tokenizer import load_tokenizer
-    from scalelab.train.checkpoint import load_model
 
     model = load_model(p, device)
     tok_dir = find_run_tokenizer(p)
@@ -203,8 +203,6 @@ def load_lm(path: str | Path, device: str = "cpu") -> ScorableLM:
 
 def find_world(path: str | Path):
     """The synthetic world a run was trained on, or None (``scalelab export`` copies world.json along)."""
-    from scalelab.data.world import World
-
     p = Path(path)
     for cand in (p / "world.json", p.parent.parent / "world.json"):
         if cand.is_file():

@@ -11,6 +11,7 @@ import math
 import re
 
 import torch
+from rouge_score import rouge_scorer
 
 from scalelab.errors import ScalelabError
 from scalelab.evals.tasks import normalize_answer
@@ -109,14 +110,13 @@ def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure (longest common subsequence of words), via rouge_score, stemming off."""
     global _ROUGE
     if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
     """Corpus BLEU (0-100) with sacrebleu's defaults: 13a tokenisation, 4-grams, one reference each."""
+    # deferred: sacrebleu is slow to import; only BLEU needs it
     import sacrebleu
 
     if len(predictions) != len(references):
@@ -127,6 +127,7 @@ def bleu(predictions: list[str], references: list[str]) -> float:
 
 
 def sentence_bleu(prediction: str, reference: str) -> float:
+    # deferred: sacrebleu is slow to import; only BLEU needs it
     import sacrebleu
 
     return float(sacrebleu.sentence_bleu(prediction, [reference]).score)

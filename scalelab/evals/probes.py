@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from scalelab.data.world import CITIES, FIRST_NAMES, LAST_NAMES, MIDDLE_INITIALS, QUESTION_TEMPLATES, render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals import metrics as M
 
@@ -39,8 +40,6 @@ class Probe:
 
 
 def _qa(question: str) -> str:
-    from scalelab.data.world import render_qa
-
     return render_qa(question)
 
 
@@ -90,8 +89,6 @@ def _formatting(world, rng: random.Random, n: int) -> list[Probe]:
 
 def _strangers(world, rng: random.Random, n: int) -> list[str]:
     """Full names that no person of the world has."""
-    from scalelab.data.world import FIRST_NAMES, LAST_NAMES, MIDDLE_INITIALS
-
     taken = {p.name for p in world.people} if world is not None else set()
     names: list[str] = []
     while len(names) < n:
@@ -102,8 +99,6 @@ def _strangers(world, rng: random.Random, n: int) -> list[str]:
 
 
 def _refusal(world, rng: random.Random, n: int) -> list[Probe]:
-    from scalelab.data.world import CITIES, QUESTION_TEMPLATES
-
     out = []
     for name in _strangers(world, rng, n):
         question = rng.choice(QUESTION_TEMPLATES["birth_city"]).format(name=name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from scalelab.data.subtask_tags import SUBTASKS
+from scalelab.evals.plots import plt, save_figure
+
 
 def subtask_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """Per sub-task (steps, val losses) from a run's metrics records."""
@@ -43,7 +45,6 @@ def plot_subtask_losses(records: list[dict], out_path: str | Path, title: str = 
     curves = {k: v for k, v in curves.items() if len(v[0]) >= 2}
     if not curves:
         return None
-    from scalelab.evals.plots import plt, save_figure
 
     fig, (ax_raw, ax_norm) = plt.subplots(1, 2, figsize=(11, 4))
     total = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]

@@ -30,7 +30,20 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from scalelab.config import load_config_with_section
+from scalelab.data.world import render_qa
 from scalelab.errors import ScalelabError
+from scalelab.evals.answer_scorer import LABELS, train_scorer
+from scalelab.experiments.base_run import open_study_folder
+from scalelab.infer.engine import Engine, GenerationParams
+from scalelab.pipeline import pretrain
+from scalelab.posttrain import common
+from scalelab.posttrain.data import pad_rows
+from scalelab.posttrain.grpo import GRPOTrainer
+from scalelab.posttrain.sft import sft_loss
+from scalelab.runtime import resolve_device, seed_everything
+from scalelab.train.metrics import MetricsLogger
+from scalelab.train.optim import build_optimizer
 
 IDK = "I don't know"
 CLASSES = ("correct", "abstain", "wrong")
@@ -202,8 +215,6 @@ def sft_records(world, groups: dict, unknown_target: str) -> list[dict]:
 # chat template: a small model's facts are keyed to that text, and its chat markers are untrained
 # embeddings (a first try with the chat template lost every known fact during SFT).
 def qa_prompt(tok, question: str) -> list[int]:
-    from scalelab.data.world import render_qa
-
     return [tok.bos_id] + tok.encode(render_qa(question))
 
 
@@ -217,12 +228,6 @@ def qa_reply(tok, reply: str) -> list[int]:
 
 def sft(base, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_path: Path):
     """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss)."""
-    from scalelab.posttrain import common
-    from scalelab.posttrain.data import pad_rows
-    from scalelab.posttrain.sft import sft_loss
-    from scalelab.train.metrics import MetricsLogger
-    from scalelab.train.optim import build_optimizer
-
     model = copy.deepcopy(base).train()
     tok = TOK[0]
     rows = []
@@ -252,8 +257,6 @@ TOK: list = [None]
 
 def replies(model, items: list[dict], max_new_tokens: int) -> list[str]:
     """Greedy replies to "Question: ...\nAnswer:", up to the newline."""
-    from scalelab.infer.engine import Engine, GenerationParams
-
     tok = TOK[0]
     prompts = [qa_prompt(tok, it["question"]) for it in items]
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=("\n",))
@@ -281,8 +284,6 @@ def evaluate(model, ev: dict, a: AbstainConfig) -> dict:
 def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
        judge=None):
     """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
-    from scalelab.evals.answer_scorer import LABELS
-    from scalelab.posttrain.grpo import GRPOTrainer
 
     value = {"correct": a.correct_reward, "abstain": abstain_reward, "wrong": a.wrong_reward}
     judged = {"agree": "correct", "abstain": "abstain", "disagree": "wrong"}
@@ -328,8 +329,6 @@ def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float
 
 
 def _pretrain(cfg, out: Path) -> Path:
-    from scalelab.pipeline import pretrain
-
     base = out / "base"
     cfg = copy.deepcopy(cfg)
     cfg.run.out_dir = str(base)
@@ -341,12 +340,7 @@ def _pretrain(cfg, out: Path) -> Path:
 
 def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> dict:
     """Every condition, evaluated on held-out people; writes results.json, results.md and abstain.png."""
-    from scalelab.evals.answer_scorer import train_scorer
-    from scalelab.posttrain import common
-    from scalelab.runtime import resolve_device, seed_everything
-
     validate(a)
-    from scalelab.experiments.base_run import open_study_folder
 
     # The base lives inside this folder without a recipe fingerprint, so --overwrite retrains it.
     out = open_study_folder(a.out_dir, overwrite, keep_base=False)
@@ -480,9 +474,11 @@ def results_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     conds = result["conditions"]
@@ -515,9 +511,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, a = load_experiment_config(args.config, args.overrides, "abstain", AbstainConfig)
+    cfg, a = load_config_with_section(args.config, args.overrides, "abstain", AbstainConfig)
     result = run_abstain(cfg, a, overwrite=args.overwrite)
     print(results_markdown(result))
     print(f"results: {Path(a.out_dir) / 'results.md'}, {Path(a.out_dir) / 'results.json'}, {Path(a.out_dir) / 'abstain.png'}")

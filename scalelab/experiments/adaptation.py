@@ -22,7 +22,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from scalelab.adapt import data
+from scalelab.adapt.embed import POOLS, LinearProbe, accuracy, cosine_classify, embed_texts
+from scalelab.adapt.finetune import LORA_TARGETS, MODES, base_weights_unchanged, evaluate_head, set_mode, train_head
+from scalelab.adapt.heads import HEADS
+from scalelab.config import load_config_with_section
+from scalelab.data.world import ATTRIBUTES
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import save_figure
+from scalelab.experiments.base_run import ensure_base, open_study_folder
+from scalelab.posttrain import common
+from scalelab.runtime import resolve_device, seed_everything
 
 TASKS = ("attribute", "sentiment")
 
@@ -56,9 +68,6 @@ class AdaptationConfig:
 
 
 def validate(a: AdaptationConfig) -> None:
-    from scalelab.adapt.embed import POOLS
-    from scalelab.adapt.finetune import LORA_TARGETS, MODES
-
     checks = [
         (0 < a.test_fraction < 1, "adaptation.test_fraction must lie in (0, 1)"),
         (a.n_train >= 2 and a.n_test >= 1, "adaptation.n_train must be at least 2 and n_test at least 1"),
@@ -85,17 +94,12 @@ def _lr(a: AdaptationConfig, mode: str) -> float:
 
 
 def _examples(world, task: str, people: list[int], n: int, seed: int, a: AdaptationConfig):
-    from scalelab.adapt import data
-
     if task == "attribute":
         return data.attribute_examples(world, people, n, seed)
     return data.sentiment_examples(world, people, n, seed, a.negation)
 
 
 def _label_texts(task: str) -> list[str]:
-    from scalelab.adapt import data
-    from scalelab.data.world import ATTRIBUTES
-
     if task == "attribute":
         return [data.ATTRIBUTE_DESCRIPTIONS[k] for k in ATTRIBUTES]
     return [data.SENTIMENT_DESCRIPTIONS[k] for k in data.SENTIMENT_LABELS]
@@ -106,9 +110,6 @@ def _label_texts(task: str) -> list[str]:
 
 def embedding_study(model, tok, world, split, a: AdaptationConfig, seed: int) -> dict:
     """Zero-shot cosine and linear-probe accuracy per task and pooling, on frozen final-layer features."""
-    import torch
-
-    from scalelab.adapt.embed import LinearProbe, accuracy, cosine_classify, embed_texts
 
     out = {}
     for task in TASKS:
@@ -136,8 +137,6 @@ def embedding_study(model, tok, world, split, a: AdaptationConfig, seed: int) ->
 
 def _head_data(kind: str, tok, world, split, a: AdaptationConfig, seed: int, block: int):
     """(train rows, test rows) for one head, in the row format its ``collate`` reads."""
-    from scalelab.adapt import data
-
     if kind == "sequence":
         def rows(people, n, s):
             texts, labels = _examples(world, a.finetune_task, people, n, s, a)
@@ -165,10 +164,6 @@ def _head_data(kind: str, tok, world, split, a: AdaptationConfig, seed: int, blo
 
 def tune(base, kind: str, mode: str, train_rows, test_rows, a: AdaptationConfig, steps: int, seed: int) -> dict:
     """A fresh copy of ``base`` under a ``kind`` head, tuned in ``mode``; test metrics before and after."""
-    import torch
-
-    from scalelab.adapt.finetune import evaluate_head, set_mode, train_head
-    from scalelab.adapt.heads import HEADS
 
     torch.manual_seed(seed)
     backbone = copy.deepcopy(base)
@@ -180,8 +175,6 @@ def tune(base, kind: str, mode: str, train_rows, test_rows, a: AdaptationConfig,
     after = evaluate_head(head, test_rows)
     info.pop("adapted", None)
     if mode == "lora":
-        from scalelab.adapt.finetune import base_weights_unchanged
-
         info["base_weights_unchanged"] = base_weights_unchanged(backbone, base)
     return info | {"test": after, "test_before": before, "train_seconds": run["seconds"], "loss_first": run["losses"][0],
                    "loss_last": sum(run["losses"][-10:]) / len(run["losses"][-10:]), "n_train": len(train_rows),
@@ -193,11 +186,6 @@ HEAD_METRIC = {"sequence": "accuracy", "token": "name_f1", "span": "exact_match"
 
 
 def run_adaptation(cfg, a: AdaptationConfig, overwrite: bool = False, log=print) -> dict:
-    from scalelab.adapt import data
-    from scalelab.experiments.base_run import ensure_base, open_study_folder
-    from scalelab.posttrain import common
-    from scalelab.runtime import resolve_device, seed_everything
-
     validate(a)
     out = open_study_folder(a.out_dir, overwrite)
     seed = cfg.run.seed
@@ -300,12 +288,13 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot_embeddings(result: dict, path: Path) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import save_figure
 
     emb = result["embeddings"]
     groups = [(task, pool) for task, row in emb.items() for pool in row["pools"]]
@@ -324,12 +313,13 @@ def plot_embeddings(result: dict, path: Path) -> None:
 
 
 def plot_modes(result: dict, path: Path) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import save_figure
 
     modes = result["modes"]
     names = list(modes)
@@ -354,9 +344,7 @@ def plot_modes(result: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, a = load_experiment_config(args.config, args.overrides, "adaptation", AdaptationConfig)
+    cfg, a = load_config_with_section(args.config, args.overrides, "adaptation", AdaptationConfig)
     result = run_adaptation(cfg, a, overwrite=args.overwrite)
     out = Path(a.out_dir)
     print(summary_markdown(result))

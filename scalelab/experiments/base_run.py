@@ -14,6 +14,8 @@ from pathlib import Path
 
 from scalelab.config import Config
 from scalelab.errors import ScalelabError
+from scalelab.pipeline import pretrain
+from scalelab.train import checkpoint as ckpt
 
 FINGERPRINT = "base_recipe.json"
 
@@ -25,8 +27,6 @@ def _recipe(cfg: Config) -> dict:
 
 def ensure_base(cfg: Config, folder: str | Path, given: str = "") -> Path:
     """The run to post-train from: ``given`` if set, else a cached pretraining run in ``folder``."""
-    from scalelab.train import checkpoint as ckpt
-
     if given:
         run = Path(given)
         if ckpt.latest_checkpoint(run / "checkpoints") is None or not (run / "world.json").is_file():
@@ -41,7 +41,6 @@ def ensure_base(cfg: Config, folder: str | Path, given: str = "") -> Path:
         raise ScalelabError("post-training studies need the synthetic world: set data.source = 'world'")
     if run.exists():
         shutil.rmtree(run)
-    from scalelab.pipeline import pretrain
 
     pretrain(replace(cfg, run=replace(cfg.run, out_dir=str(run), name="base")), overwrite=True, stages=())
     stamp.write_text(json.dumps(recipe, indent=2) + "\n")

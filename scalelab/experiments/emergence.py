@@ -35,10 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalelab.config import load_config
+from scalelab.data.generators import generate as generate_task
+from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.evals.metrics import brier_score, digit_credit, normalized_edit_distance
 from scalelab.evals.tasks import normalize_answer
 from scalelab.infer.sample import SamplingParams, generate
+from scalelab.scaling.sweep import read_results
+from scalelab.tokenizer import load_tokenizer
+from scalelab.train.checkpoint import latest_checkpoint, load_model
 
 METRICS = ("exact_match", "logprob_per_token", "answer_prob", "edit_distance", "digit_credit", "brier")
 CONTINUOUS = METRICS[1:]
@@ -142,16 +148,11 @@ def score_examples(model, tokenizer, examples, max_new_tokens: int = 16) -> dict
 
 
 def _task_examples(task_key: str, params: dict, n: int, seed: int):
-    from scalelab.data.generators import generate as generate_task
-
     return generate_task(task_key, n, seed, **params)
 
 
 def _world_examples(run_dir: Path, n: int, seed: int, cache: dict):
     """QA the run saw in pretraining (a small model can only be asked to recall, not to generalise)."""
-    from scalelab.config import load_config
-    from scalelab.data.world import World
-
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         return None
@@ -178,9 +179,6 @@ def _resolve_tasks(tasks) -> list[tuple[str, str, dict]]:
 def evaluate_sweep(sweep_dir, tasks=("addition", "multiplication", "world_qa"), n: int = 100, seed: int = 0,
                    max_new_tokens: int = 16, progress: bool = False) -> list[dict]:
     """Score every finished run of a sweep on every task; writes emergence.csv and emergence.json."""
-    from scalelab.scaling.sweep import read_results
-    from scalelab.tokenizer import load_tokenizer
-    from scalelab.train.checkpoint import latest_checkpoint, load_model
 
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
@@ -257,9 +255,11 @@ def plot_emergence(rows: list[dict], out_png) -> Path:
     One line per model size N: along a line only the data D grows, so a jump between lines is a
     jump in model size and a jump along one is a jump in training.
     """
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     if not rows:
@@ -399,3 +399,11 @@ def run_emergence(sweep_dir, out_dir=None, n: int = 100, seed: int = 0,
     md.write_text(summary + "\n", encoding="utf-8")
     return {"csv": str(sweep / "emergence.csv"), "json": str(sweep / "emergence.json"), "png": str(png),
             "summary_md": str(md), "summary": summary, "rows": rows}
+
+
+def run_cli(args) -> None:
+    """``scalelab experiments emergence``: the study over the runs of the sweep in scaling.out_dir."""
+    cfg = load_config(args.config, args.overrides)
+    result = run_emergence(cfg.scaling.out_dir, n=args.n, seed=cfg.run.seed, progress=cfg.run.progress)
+    print(result["summary"])
+    print(f"plot: {result['png']}; table: {result['csv']}")

@@ -33,9 +33,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from scalelab.config import load_config_with_section
+from scalelab.data.loader import TokenLoader, eval_batches
+from scalelab.data.world import _PRONOUNS, SENTENCE_TEMPLATES, World, render_qa
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import plt, save_figure
+from scalelab.evals.tasks import normalize_answer
+from scalelab.experiments.base_run import open_study_folder
 from scalelab.model import families as fam
+from scalelab.pipeline import prepare
+from scalelab.runtime import seed_everything
+from scalelab.train.optim import build_optimizer, lr_at
+from scalelab.train.trainer import write_json
 
 # The world's 25 majors in four groups: the probe's classes (roughly balanced: 10 / 4 / 6 / 5).
 MAJOR_GROUPS = {
@@ -114,9 +125,6 @@ class _Objective:
 def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, val_tokens, budget: float,
                  log_path: Path) -> tuple[object, dict]:
     """A fresh model trained on ``budget`` FLOPs of the shared token stream; returns (model, record)."""
-    from scalelab.data.loader import TokenLoader, eval_batches
-    from scalelab.runtime import seed_everything
-    from scalelab.train.optim import build_optimizer, lr_at
 
     seed = cfg.run.seed
     seed_everything(seed)  # same initial weights for the shared backbone across families
@@ -174,9 +182,6 @@ def qa_sets(world, n: int, seed: int) -> dict[str, list]:
 
 
 def qa_exact_match(model, family: str, tokenizer, pairs, max_new_tokens: int, fill_masks: int) -> tuple[float, list]:
-    from scalelab.data.world import render_qa
-    from scalelab.evals.tasks import normalize_answer
-
     if not pairs:
         return float("nan"), []
     mask_id = tokenizer.vocab_size if family == "mlm" else None
@@ -261,8 +266,6 @@ def major_group(major: str) -> int:
 
 def major_sentence(person, rng: random.Random) -> str:
     """One freshly drawn sentence stating the person's major, worded like the biographies' sentences."""
-    from scalelab.data.world import _PRONOUNS, SENTENCE_TEMPLATES
-
     pron, poss = _PRONOUNS[person.pronoun]
     s = rng.choice(SENTENCE_TEMPLATES["major"]).format(name=person.name, full=person.name, value=person.major,
                                                          pron=pron, poss=poss, Poss=f"{person.name}'s")
@@ -329,17 +332,11 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int, w
 
 def run_families(cfg, a: FamiliesConfig, overwrite: bool = False, log=print) -> dict:
     """Train every family on one FLOPs budget and score it; writes results.json, summary.md and families.png."""
-    from safetensors.torch import save_file
-
-    from scalelab.data.world import World
-    from scalelab.pipeline import prepare
-    from scalelab.train.trainer import write_json
 
     validate(a)
     if cfg.data.source != "world":
         raise ScalelabError("the families study needs the synthetic world: set data.source = 'world'")
     cfg.model.validate()
-    from scalelab.experiments.base_run import open_study_folder
 
     out = open_study_folder(a.out_dir, overwrite, keep_base=False)
     t_start = time.perf_counter()
@@ -460,8 +457,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from scalelab.evals.plots import plt, save_figure
-
     r = result["families"]
     names = list(r)
     colors = dict(zip(("decoder", "prefix_lm", "mlm"), ("tab:blue", "tab:orange", "tab:green")))
@@ -489,9 +484,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, a = load_experiment_config(args.config, args.overrides, "families", FamiliesConfig)
+    cfg, a = load_config_with_section(args.config, args.overrides, "families", FamiliesConfig)
     result = run_families(cfg, a, overwrite=args.overwrite)
     print(summary_markdown(result))
     out = Path(a.out_dir)

@@ -22,7 +22,19 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
+from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
+from scalelab.posttrain import common
+from scalelab.posttrain.chat import prompt_ids
+from scalelab.posttrain.common import load_init, write_json
+from scalelab.posttrain.data import pad_rows, tokenize_conversations
+from scalelab.posttrain.mixture import FAMILIES, instruction_mixture
+from scalelab.posttrain.sft import run_sft
+from scalelab.runtime import resolve_device
+from scalelab.train import checkpoint as ckpt
 
 SECTION = "flan"
 
@@ -45,8 +57,6 @@ class FlanConfig:
 
 def check(fc: FlanConfig) -> list[str]:
     """The training pool (all families but the held-out ones); fails on a bad design."""
-    from scalelab.posttrain.mixture import FAMILIES
-
     bad = [f for f in fc.heldout if f not in FAMILIES]
     if bad:
         raise ScalelabError(f"flan.heldout: unknown families {bad} (families: {', '.join(FAMILIES)})")
@@ -117,19 +127,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def heldout_records(world, heldout: list[str], per_family: int, seed: int) -> list[dict]:
-    from scalelab.posttrain.mixture import instruction_mixture
-
     # A seed the SFT data never uses, so even a held-out family's phrasing+fact pairs are new.
     return instruction_mixture(world, per_family * len(heldout), seed=seed + 104729, families=heldout)
 
 
 def evaluate(model, tok, records: list[dict], max_new_tokens: int) -> dict:
-    import torch
-
-    from scalelab.posttrain import common
-    from scalelab.posttrain.chat import prompt_ids
-    from scalelab.posttrain.data import pad_rows, tokenize_conversations
-
     ctx = model.config.block_size
     rows, _ = tokenize_conversations(tok, [r["messages"] for r in records], ctx + 1)
     if len(rows) != len(records):
@@ -152,12 +154,6 @@ def evaluate(model, tok, records: list[dict], max_new_tokens: int) -> dict:
 
 
 def run_flan(cfg, fc: FlanConfig, log=print) -> dict:
-    from scalelab.experiments.base_run import ensure_base, stage_config
-    from scalelab.posttrain.common import load_init, write_json
-    from scalelab.posttrain.sft import run_sft
-    from scalelab.runtime import resolve_device
-    from scalelab.train import checkpoint as ckpt
-
     pool = check(fc)
     out = Path(fc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,9 +215,11 @@ def markdown(result: dict) -> str:
 
 
 def plot(table: list[dict], path: Path, heldout: list[str]) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     ks = [r["k"] for r in table]
@@ -248,10 +246,7 @@ def plot(table: list[dict], path: Path, heldout: list[str]) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.base_run import clear_outputs_keep_base
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, fc = load_experiment_config(args.config, args.overrides, SECTION, FlanConfig)
+    cfg, fc = load_config_with_section(args.config, args.overrides, SECTION, FlanConfig)
     out = Path(fc.out_dir)
     if getattr(args, "overwrite", False):
         clear_outputs_keep_base(out)

@@ -19,7 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from scalelab.config import load_config_with_section
+from scalelab.data.world import World
 from scalelab.errors import ScalelabError
+from scalelab.evals.harness import TaskContext, get_task, run_eval
+from scalelab.evals.lm import load_lm
+from scalelab.evals.plots import save_figure
+from scalelab.experiments.base_run import ensure_base
 
 
 @dataclass
@@ -33,8 +39,6 @@ class ICLConfig:
 
 
 def validate(a: ICLConfig, cfg) -> None:
-    from scalelab.evals.harness import get_task
-
     if not a.depths or any(not isinstance(d, int) or d < 1 for d in a.depths):
         raise ScalelabError(f"invalid config: icl.depths must be depths >= 1, got {a.depths!r}")
     if not a.shots or any(not isinstance(s, int) or s < 0 for s in a.shots):
@@ -50,8 +54,6 @@ def validate(a: ICLConfig, cfg) -> None:
 
 
 def headline_metric(task: str) -> str:
-    from scalelab.evals.harness import get_task
-
     return get_task(task).metrics[0]
 
 
@@ -64,11 +66,6 @@ def _clear_keep_bases(out: Path) -> None:
 
 
 def run_icl(cfg, a: ICLConfig, overwrite: bool = False, log=print) -> dict:
-    from scalelab.data.world import World
-    from scalelab.evals.harness import TaskContext, run_eval
-    from scalelab.evals.lm import load_lm
-    from scalelab.experiments.base_run import ensure_base
-
     validate(a, cfg)
     out = Path(a.out_dir)
     if overwrite:
@@ -148,12 +145,13 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import save_figure
 
     a = result["icl"]
     shots = sorted(set(a["shots"]))
@@ -171,9 +169,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, a = load_experiment_config(args.config, args.overrides, "icl", ICLConfig)
+    cfg, a = load_config_with_section(args.config, args.overrides, "icl", ICLConfig)
     result = run_icl(cfg, a, overwrite=args.overwrite)
     print(summary_markdown(result))
     out = Path(a.out_dir)

@@ -30,7 +30,25 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.experiments import reasoning_tools as tools
+from scalelab.experiments import reasoning_ttc as ttc
+from scalelab.experiments.base_run import open_study_folder
+from scalelab.infer.chat import chat_stop_ids, render_chat
+from scalelab.infer.engine import Engine, GenerationParams
+from scalelab.model.gpt import GPT
+from scalelab.posttrain import common
+from scalelab.posttrain.data import pad_rows
+from scalelab.posttrain.grpo import GRPOTrainer
+from scalelab.posttrain.sft import sft_loss
+from scalelab.runtime import resolve_device, seed_everything
+from scalelab.tasks import get_task
+from scalelab.tasks.answer_format import make_reward, render_reply, verify
+from scalelab.tokenizer import ByteTokenizer, CharTokenizer
+from scalelab.train.metrics import MetricsLogger
+from scalelab.train.optim import build_optimizer
 
 SECTION = "reasoning"
 CONDITIONS = ("answer_only", "cot")
@@ -89,8 +107,6 @@ class ReasoningConfig:
 
 def validate(r: ReasoningConfig) -> dict:
     """The task objects by name; a ScalelabError naming the first bad key otherwise."""
-    from scalelab.tasks import get_task
-
     if not r.tasks:
         raise ScalelabError("invalid config: reasoning.tasks must name at least one task")
     tasks = {name: get_task(name) for name in r.tasks}
@@ -133,15 +149,11 @@ def validate(r: ReasoningConfig) -> dict:
 
 
 def chat_prompt(tokenizer, problem) -> list[int]:
-    from scalelab.infer.chat import render_chat
-
     return render_chat(tokenizer, [{"role": "user", "content": problem.prompt}])
 
 
 def sft_row(tokenizer, problem, with_thinking: bool) -> tuple[list[int], list[int]]:
     """(ids, loss mask): the chat prompt, then the reply and its end marker, which carry the loss."""
-    from scalelab.tasks.answer_format import render_reply
-
     p = chat_prompt(tokenizer, problem)
     y = tokenizer.encode(render_reply(problem, with_thinking)) + [tokenizer.token_id("<|assistant_end|>")]
     return p + y, [0] * len(p) + [1] * len(y)
@@ -170,8 +182,6 @@ def spread(eval_sets: dict, n: int) -> list:
 
 
 def build_tokenizer(kind: str, texts: list[str]):
-    from scalelab.tokenizer import ByteTokenizer, CharTokenizer
-
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
@@ -239,12 +249,6 @@ def equal_compute_plans(lengths: dict[str, dict[str, list[int]]], batch_size: in
 def sft_train(init, tokenizer, rows: list, batches: list, r: ReasoningConfig, train_cfg, lr: float, log_path: Path,
               desc: str):
     """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only); (model, losses)."""
-    from scalelab.posttrain import common
-    from scalelab.posttrain.data import pad_rows
-    from scalelab.posttrain.sft import sft_loss
-    from scalelab.train.metrics import MetricsLogger
-    from scalelab.train.optim import build_optimizer
-
     model = copy.deepcopy(init).train()
     device = next(model.parameters()).device
     tcfg = replace(train_cfg, steps=len(batches), batch_size=r.sft_batch_size, lr=lr,
@@ -266,9 +270,6 @@ def sft_train(init, tokenizer, rows: list, batches: list, r: ReasoningConfig, tr
 
 
 def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    from scalelab.infer.chat import chat_stop_ids
-    from scalelab.infer.engine import Engine, GenerationParams
-
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=chat_stop_ids(tokenizer))
     outs = Engine(model, tokenizer, max_batch=max(1, min(64, len(prompts)))).generate(prompts, params)
     return [o.text for o in outs]
@@ -277,9 +278,6 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 def sampled_pass_at_1(model, tokenizer, problems: list, max_new_tokens: int, n: int, temperature: float,
                       seed: int) -> float:
     """Mean correctness of ``n`` samples per problem at ``temperature``: pass@1 of the sampling policy."""
-    from scalelab.infer.chat import chat_stop_ids
-    from scalelab.infer.engine import Engine, GenerationParams
-    from scalelab.tasks.answer_format import verify
 
     engine = Engine(model, tokenizer, max_batch=max(1, min(128, len(problems) * n)))
     reqs = [engine.submit(chat_prompt(tokenizer, p), GenerationParams(
@@ -291,8 +289,6 @@ def sampled_pass_at_1(model, tokenizer, problems: list, max_new_tokens: int, n: 
 
 
 def verified(model, tokenizer, problems: list, max_new_tokens: int) -> list[dict]:
-    from scalelab.tasks.answer_format import verify
-
     texts = greedy_replies(model, tokenizer, [chat_prompt(tokenizer, p) for p in problems], max_new_tokens)
     return [verify(p, t) | {"text": t} for p, t in zip(problems, texts)]
 
@@ -326,9 +322,6 @@ def _accepted_kwargs(cls, wanted: dict) -> tuple[dict, list[str]]:
 
 def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int, seed: int, log_path: Path):
     """GRPO on one task's RL pool; (policy, history with rollout and held-out greedy pass@1)."""
-    from scalelab.posttrain.grpo import GRPOTrainer
-    from scalelab.tasks.answer_format import make_reward, verify
-
     reward = make_reward(correct=r.reward_correct, formatted=r.reward_formatted, wrong=r.reward_wrong,
                          malformed=r.reward_malformed)
     policy = copy.deepcopy(init)
@@ -372,13 +365,6 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
 
 
 def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -> dict:
-    from scalelab.experiments import reasoning_tools as tools
-    from scalelab.experiments import reasoning_ttc as ttc
-    from scalelab.experiments.base_run import open_study_folder
-    from scalelab.model.gpt import GPT
-    from scalelab.posttrain import common
-    from scalelab.runtime import resolve_device, seed_everything
-
     tasks = validate(r)
     out = open_study_folder(r.out_dir, overwrite)
     t0 = time.perf_counter()
@@ -550,9 +536,11 @@ def summary_markdown(result: dict) -> str:
 
 
 def _task_axes(n: int):
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4), squeeze=False)
@@ -561,8 +549,6 @@ def _task_axes(n: int):
 
 def plot_warm_start(result: dict, path: Path) -> None:
     """Accuracy against difficulty, one line per SFT condition, one panel per task."""
-    from scalelab.evals.plots import label_fraction_axes, save_figure
-
     names = result["reasoning"]["tasks"]
     fig, axes = _task_axes(len(names))
     labels = {"answer_only": "SFT answer only", "cot": "SFT chain of thought"}
@@ -579,8 +565,6 @@ def plot_warm_start(result: dict, path: Path) -> None:
 
 def plot_rl(result: dict, path: Path) -> None:
     """pass@1 against GRPO step: rollouts (sampled) and held-out problems (greedy), one panel per task."""
-    from scalelab.evals.plots import label_fraction_axes, save_figure
-
     fig, axes = _task_axes(len(result["rl"]))
     for ax, (name, h) in zip(axes, result["rl"].items()):
         pts = [(s, p) for s, p in zip(h["step"], h["pass@1"]) if p is not None]
@@ -594,9 +578,7 @@ def plot_rl(result: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, r = load_experiment_config(args.config, args.overrides, SECTION, ReasoningConfig)
+    cfg, r = load_config_with_section(args.config, args.overrides, SECTION, ReasoningConfig)
     result = run_reasoning(cfg, r, overwrite=args.overwrite)
     print(summary_markdown(result))
     print(f"results: {Path(r.out_dir) / 'summary.md'}, {Path(r.out_dir) / 'results.json'}")

@@ -16,7 +16,20 @@ from __future__ import annotations
 import re
 
 from scalelab.errors import ScalelabError
-from scalelab.infer.tools import TOOL_CALL_END, TOOL_CALL_START, TOOL_OUTPUT_END, TOOL_OUTPUT_START, ToolError
+from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.infer.chat import chat_stop_ids
+from scalelab.infer.engine import Engine, GenerationParams
+from scalelab.infer.tools import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    TOOL_OUTPUT_END,
+    TOOL_OUTPUT_START,
+    ToolError,
+    engine_generate_fn,
+    evaluate_expression,
+    run_with_tools,
+)
+from scalelab.tasks.answer_format import verify
 
 # The arithmetic inside a prompt such as "What is 12 + 7 * 3?": digits, operators, parentheses, spaces.
 _EXPRESSION = re.compile(r"[\d(][\d\s+\-*/()]*[\d)]")
@@ -25,8 +38,6 @@ _EXPRESSION = re.compile(r"[\d(][\d\s+\-*/()]*[\d)]")
 def problem_expression(problem) -> str | None:
     """The calculator call for an arithmetic problem: the longest arithmetic span of its prompt that
     holds an operator and evaluates to the problem's answer; None when there is none."""
-    from scalelab.infer.tools import evaluate_expression
-
     spans = sorted((m.group().strip() for m in _EXPRESSION.finditer(problem.prompt)), key=len, reverse=True)
     for expr in spans:
         if not any(op in expr for op in "+-*/"):
@@ -41,8 +52,6 @@ def problem_expression(problem) -> str | None:
 
 def tool_row(tokenizer, prompt_ids: list[int], expr: str, answer: str) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of one trace: the call and the answer are trained, the tool output is not."""
-    from scalelab.infer.tools import evaluate_expression
-
     tid = tokenizer.token_id
     call = [tid(TOOL_CALL_START)] + tokenizer.encode(expr) + [tid(TOOL_CALL_END)]
     output = [tid(TOOL_OUTPUT_START)] + tokenizer.encode(evaluate_expression(expr)) + [tid(TOOL_OUTPUT_END)]
@@ -71,10 +80,6 @@ def _refuse(_request: str) -> str:
 def tool_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, with_tool: bool) -> list[dict]:
     """Greedy replies through ``run_with_tools``, one prompt at a time (the loop is per sequence):
     [{"text", "calls"}], the text with its tool markers and outputs."""
-    from scalelab.infer.chat import chat_stop_ids
-    from scalelab.infer.engine import Engine, GenerationParams
-    from scalelab.infer.tools import engine_generate_fn, run_with_tools
-
     engine = Engine(model, tokenizer, max_batch=1)
     generate_fn = engine_generate_fn(engine)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=chat_stop_ids(tokenizer))
@@ -89,7 +94,6 @@ def tool_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 def tool_accuracy(model, tokenizer, problems: list, prompts: list[list[int]], max_new_tokens: int,
                   with_tool: bool) -> dict:
     """Accuracy, share of replies that called the tool, and a few examples."""
-    from scalelab.tasks.answer_format import verify
 
     if not problems:
         raise ScalelabError("no problems to evaluate tool use on")
@@ -102,12 +106,13 @@ def tool_accuracy(model, tokenizer, problems: list, prompts: list[list[int]], ma
 
 def plot_tools(tools: dict, task_names: list[str], path) -> None:
     """Accuracy against difficulty with and without the calculator, one panel per arithmetic task."""
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     fig, axes = plt.subplots(1, len(task_names), figsize=(3.4 * len(task_names), 3.4), squeeze=False)
     lines = (("answer_only", "SFT answer only", "s:"), ("cot", "SFT chain of thought", "^--"),

@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections import Counter
 
 from scalelab.errors import ScalelabError
-
+from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.infer.chat import chat_stop_ids
+from scalelab.infer.engine import Engine, GenerationParams
+from scalelab.tasks.answer_format import ANSWER_MARKER, force_answer_suffix, verify
 
 # -- pure scoring -----------------------------------------------------------------------------------------------
 
@@ -76,8 +79,6 @@ def cut_thinking(tokenizer, generated: list[int], budget: int) -> list[int]:
     cut before an answer marker the model wrote itself, special tokens and trailing newlines dropped
     (the forced suffix brings its own). Token ids, not text: a byte model's half of a UTF-8
     character would come back from text as more tokens than it wrote."""
-    from scalelab.tasks.answer_format import ANSWER_MARKER
-
     if budget < 0:
         raise ScalelabError(f"thinking budget must be >= 0, got {budget}")
     special = set(tokenizer.special_ids.values())
@@ -97,8 +98,6 @@ def cut_thinking(tokenizer, generated: list[int], budget: int) -> list[int]:
 
 
 def _engine(model, tokenizer, rows: int):
-    from scalelab.infer.engine import Engine
-
     return Engine(model, tokenizer, max_batch=max(1, min(64, rows)))
 
 
@@ -107,10 +106,6 @@ def budget_replies(model, tokenizer, prompts: list[list[int]], budget: int, answ
 
     Each reply is {"text": thinking + "\\nAnswer:" + the model's answer, "thinking": str, "thinking_tokens": int}.
     """
-    from scalelab.infer.chat import chat_stop_ids
-    from scalelab.infer.engine import GenerationParams
-    from scalelab.tasks.answer_format import ANSWER_MARKER, force_answer_suffix
-
     stops = chat_stop_ids(tokenizer)
     thinking: list[list[int]] = [[] for _ in prompts]
     if budget > 0:
@@ -129,7 +124,6 @@ def budget_replies(model, tokenizer, prompts: list[list[int]], budget: int, answ
 def budget_curve(model, tokenizer, problems: list, prompts: list[list[int]], budgets: list[int],
                  answer_tokens: int) -> dict:
     """Accuracy and mean thinking tokens used at each budget."""
-    from scalelab.tasks.answer_format import verify
 
     acc, used = [], []
     for b in budgets:
@@ -142,9 +136,6 @@ def budget_curve(model, tokenizer, problems: list, prompts: list[list[int]], bud
 def sampled_answers(model, tokenizer, problems: list, prompts: list[list[int]], samples: int, temperature: float,
                     max_new_tokens: int, seed: int) -> list[list[dict]]:
     """``samples`` sampled replies per problem, each verified: [{"answer", "correct", "formatted"}]."""
-    from scalelab.infer.chat import chat_stop_ids
-    from scalelab.infer.engine import GenerationParams
-    from scalelab.tasks.answer_format import verify
 
     engine = _engine(model, tokenizer, len(prompts) * samples)
     reqs = [engine.submit(p, GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
@@ -162,12 +153,13 @@ def sampled_answers(model, tokenizer, problems: list, prompts: list[list[int]], 
 def plot_ttc(ttc: dict, budget_path, samples_path) -> None:
     """Two figures: accuracy against thinking budget (one line per task); majority vote vs verifier
     best-of-N against the number of samples (one panel per task)."""
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
-    from scalelab.evals.plots import label_fraction_axes, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, t in ttc.items():

@@ -23,7 +23,22 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
+from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
+from scalelab.posttrain import common
+from scalelab.posttrain.chat import prompt_ids
+from scalelab.posttrain.common import load_init, write_json
+from scalelab.posttrain.data import split_holdout
+from scalelab.posttrain.dpo import run_dpo
+from scalelab.posttrain.mixture import SHORT_ANSWER_FAMILIES, instruction_mixture
+from scalelab.posttrain.ppo import PPOTrainer, RewardModelScorer
+from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model, run_rm
+from scalelab.posttrain.sft import run_sft
+from scalelab.runtime import resolve_device, seed_everything
+from scalelab.train import checkpoint as ckpt
 
 SECTION = "reward_hacking"
 CONDITIONS = ("no_kl", "kl", "kl_length")
@@ -111,7 +126,6 @@ def smooth(xs: list[float], window: int) -> list[float]:
 
 class ShapedReward:
     """The PPO reward: the reward model's score minus a per-token length penalty; records the gold score too."""
-
     def __init__(self, scorer, length_penalty: float):
         self.scorer, self.length_penalty = scorer, length_penalty
         self.last: dict = {}
@@ -128,9 +142,6 @@ class ShapedReward:
 
 
 def _final_eval(model, tok, records, rm_scorer, max_new_tokens) -> dict:
-    from scalelab.posttrain import common
-    from scalelab.posttrain.chat import prompt_ids
-
     prompts = [prompt_ids(tok, r["messages"][:-1]) for r in records]
     outs = common.generate_replies(model, tok, prompts, max_new_tokens)
     end = tok.token_id("<|assistant_end|>")
@@ -145,20 +156,6 @@ def _final_eval(model, tok, records, rm_scorer, max_new_tokens) -> dict:
 
 
 def run_reward_hacking(cfg, rc: RewardHackingConfig, log=print) -> dict:
-    import torch
-
-    from scalelab.experiments.base_run import ensure_base, stage_config
-    from scalelab.posttrain.chat import prompt_ids
-    from scalelab.posttrain.common import load_init, write_json
-    from scalelab.posttrain.data import split_holdout
-    from scalelab.posttrain.dpo import run_dpo
-    from scalelab.posttrain.mixture import SHORT_ANSWER_FAMILIES, instruction_mixture
-    from scalelab.posttrain.ppo import PPOTrainer, RewardModelScorer
-    from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model, run_rm
-    from scalelab.posttrain.sft import run_sft
-    from scalelab.runtime import resolve_device, seed_everything
-    from scalelab.train import checkpoint as ckpt
-
     check(rc)
     out = Path(rc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,9 +274,11 @@ def markdown(result: dict) -> str:
 
 
 def plot(curves: dict, path: Path) -> None:
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib is slow to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     keys = (("rm_score", "learned (biased) RM score"), ("response_length", "reply length (tokens)"),
@@ -301,10 +300,7 @@ def plot(curves: dict, path: Path) -> None:
 
 
 def run_cli(args) -> None:
-    from scalelab.experiments.base_run import clear_outputs_keep_base
-    from scalelab.experiments.commands import load_experiment_config
-
-    cfg, rc = load_experiment_config(args.config, args.overrides, SECTION, RewardHackingConfig)
+    cfg, rc = load_config_with_section(args.config, args.overrides, SECTION, RewardHackingConfig)
     out = Path(rc.out_dir)
     if getattr(args, "overwrite", False):
         clear_outputs_keep_base(out)

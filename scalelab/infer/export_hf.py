@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.tokenizer import load_tokenizer
 from scalelab.tokenizer.tokenizers import SPECIAL_TOKENS, Tokenizer
+from scalelab.train.checkpoint import load_model
 
 # GPTConfig fields this mapping understands. A field added to GPTConfig later (a softcap, a bias,
 # a new norm) is refused until someone checks how it maps, instead of silently exporting a
@@ -187,8 +189,6 @@ def export_run(
     run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", with_tokenizer: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    from scalelab.tokenizer import load_tokenizer
-    from scalelab.train.checkpoint import load_model
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from scalelab.errors import ScalelabError
+from scalelab.infer.engine import GenerationParams
+from scalelab.infer.sample import generate
 
 MAX_EXPR_CHARS = 200
 MAX_DEPTH = 32  # nested operators/parentheses in the parsed expression
@@ -306,8 +308,6 @@ def sampler_generate_fn(model, tokenizer) -> GenerateFn:
     stop *string* instead (kept in the output). The special id decodes to its own name, so
     plain text spelling that name also stops; the loop then finds no end id and ends the run.
     """
-    from scalelab.infer.sample import generate
-
     call_end = tokenizer.token_id(TOOL_CALL_END)
 
     def fn(tokens: list[int], params) -> list[int]:
@@ -328,8 +328,6 @@ def engine_generate_fn(engine) -> GenerateFn:
     the engine keeps in a completion's tokens. ``params`` should be the engine's
     ``GenerationParams``; a plain SamplingParams is converted.
     """
-    from scalelab.infer.engine import GenerationParams
-
     call_end = engine.tokenizer.token_id(TOOL_CALL_END)
 
     def fn(tokens: list[int], params) -> list[int]:

@@ -17,9 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from scalelab.errors import ScalelabError
+from scalelab.model.gpt import GPT
 from scalelab.parallel.mesh import Layout, build_mesh
+from scalelab.parallel.plans import apply_plans, check_model_fits
 
 FP32 = 4
 
@@ -56,10 +60,6 @@ def _short(placement) -> str:
 
 def param_layout(model_cfg, layout: Layout) -> list[ParamRow]:
     """Per-parameter placements on rank 0, from the real plans on a fake process group."""
-    import torch.distributed as dist
-
-    from scalelab.model.gpt import GPT
-    from scalelab.parallel.plans import apply_plans, check_model_fits
 
     with torch.device("meta"):
         model = GPT(model_cfg)
@@ -68,6 +68,7 @@ def param_layout(model_cfg, layout: Layout) -> list[ParamRow]:
     if layout.sharded:
         if dist.is_initialized():
             raise ScalelabError("parallel explain runs outside torchrun; start it as a plain command")
+        # deferred: torch's fake process group is only for the dry-run explainer
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", rank=0, world_size=layout.world_size, store=FakeStore())
@@ -82,8 +83,6 @@ def param_layout(model_cfg, layout: Layout) -> list[ParamRow]:
 
 
 def _row(name: str, p, layout: Layout) -> ParamRow:
-    from torch.distributed.tensor import DTensor
-
     unit = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else "root"
     if not isinstance(p, DTensor):
         axes = {"dp_replicate": "R"} if layout.dp_replicate > 1 else {}

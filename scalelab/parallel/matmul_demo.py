@@ -20,6 +20,10 @@ import socket
 import sys
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 N = 16
 MESH = (2, 4)
@@ -40,10 +44,6 @@ def _operands() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,8 +93,6 @@ def _free_port() -> int:
 
 def run() -> None:
     """Spawn the 8 processes here; no torchrun needed."""
-    import torch.multiprocessing as mp
-
     world = MESH[0] * MESH[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # fork skips 8 fresh torch imports (the parent has run no torch ops, so no thread pool to inherit)

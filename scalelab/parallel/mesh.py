@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from scalelab.errors import ScalelabError
 
 AXES = ("dp_replicate", "dp_shard", "tp")
@@ -118,7 +120,6 @@ def build_mesh(layout: Layout, device_type: str):
     """The 3-axis DeviceMesh over the default process group (None for one process)."""
     if layout.world_size == 1:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.tp), mesh_dim_names=AXES)
 

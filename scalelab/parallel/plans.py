@@ -24,6 +24,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scalelab.errors import ScalelabError
 from scalelab.parallel.mesh import Layout, data_mesh
@@ -51,11 +61,6 @@ def check_model_fits(model, layout: Layout) -> None:
 
 def tp_plan(model) -> dict:
     """{module path: ParallelStyle} for torch's parallelize_module."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
-    )
-
     plan = {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "final_norm": SequenceParallel(),
@@ -97,12 +102,8 @@ def apply_plans(model, layout: Layout, mesh, device: torch.device, reshard_after
         raise ScalelabError(f"parallel.dp_shard > 1 and parallel.tp > 1 need torch >= 2.6 (public FSDP2); "
                             f"this is torch {torch.__version__}")
     if layout.tp > 1:
-        from torch.distributed.tensor.parallel import parallelize_module
-
         parallelize_module(model, mesh["tp"], tp_plan(model))
     if layout.uses_fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         dmesh = data_mesh(mesh, layout)
         for unit in fsdp_units(model):
             # The root's parameters are used last in forward and first in backward: keeping them
@@ -110,8 +111,6 @@ def apply_plans(model, layout: Layout, mesh, device: torch.device, reshard_after
             fully_shard(unit, mesh=dmesh, reshard_after_forward=reshard_after_forward and unit is not model)
         return model
     if layout.uses_ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank by construction.
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
@@ -144,7 +143,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    from torch.distributed.tensor import DTensor
 
     total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if isinstance(total, DTensor):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from scalelab.parallel import plans, state
 from scalelab.parallel.dist import DistEnv, barrier
 from scalelab.parallel.mesh import Layout, build_mesh, data_group, layout_from_config
-from scalelab.parallel import plans
+from scalelab.parallel.state import load_dcp, load_full
+from scalelab.train import checkpoint as ckpt
 
 
 class ParallelSetup:
@@ -51,8 +53,6 @@ class ParallelSetup:
 
         Returns, on rank 0, the keyword arguments for checkpoint.save_checkpoint.
         """
-        from scalelab.parallel import state
-
         staging = Path(ckpt_dir) / f".step_{step:06d}.dcp.tmp"
         if self.env.is_main:
             if staging.exists():
@@ -66,15 +66,9 @@ class ParallelSetup:
 
     def load(self, path: Path, model, optimizer, optimizer_state: dict) -> None:
         """Weights and optimizer state from a checkpoint folder written on any mesh."""
-        from scalelab.train import checkpoint as ckpt
-
         if (path / ckpt.SHARDED_DIR).is_dir():
-            from scalelab.parallel.state import load_dcp
-
             load_dcp(path / ckpt.SHARDED_DIR, model, optimizer)
         elif self.sharded:
-            from scalelab.parallel.state import load_full
-
             load_full(model, optimizer, ckpt.read_safetensors(path / ckpt.MODEL_FILE), optimizer_state)
         else:
             ckpt.load_weights_into(model, path / ckpt.MODEL_FILE)

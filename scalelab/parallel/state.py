@@ -17,34 +17,35 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(**kw)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU weights on rank 0 (other ranks get an empty dict); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
 
 
 def save_dcp(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and optimizer under ``folder``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
 
 def load_dcp(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a DCP checkpoint written on any mesh into this (sharded or plain) model and optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     # DCP reads in place into the tensors it is given: each rank gets exactly its own slices.
@@ -56,8 +57,6 @@ def load_dcp(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.
 
 def load_full(model, optimizer, weights: dict[str, torch.Tensor], optim_state: dict) -> None:
     """Load single-process state (full weights, torch optimizer state keyed by position) into a sharded model."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     if model.config.tie_embeddings and "lm_head.weight" not in weights:
         weights = {**weights, "lm_head.weight": weights["embed.weight"]}
     set_model_state_dict(model, weights, options=_options(full_state_dict=True))
@@ -74,8 +73,6 @@ def load_full(model, optimizer, weights: dict[str, torch.Tensor], optim_state: d
 
 def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[int, int]:
     """(parameter bytes, optimizer-state bytes) held by this rank: local shards only."""
-    from torch.distributed.tensor import DTensor
-
     def nbytes(t) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()

@@ -12,11 +12,15 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from scalelab.config import Config, TrainConfig, load_config, to_toml
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
+from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
+from scalelab.posttrain.chat import chat_stop_ids, prompt_ids
+from scalelab.posttrain.mixture import exact_match_reward
 from scalelab.runtime import autocast_context
 from scalelab.tokenizer import load_tokenizer
 from scalelab.train import checkpoint as ckpt
@@ -89,7 +93,6 @@ def save(run: Path, model: GPT, optimizer, step: int, stage: str) -> Path:
 def progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
@@ -166,9 +169,6 @@ def write_json(path: Path, obj) -> None:
 def generate_replies(model: GPT, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                      seed: int = 0, max_batch: int = 32):
     """One reply per prompt through the batched KV-cache engine; stops at the end of the assistant turn."""
-    from scalelab.infer.engine import Engine, GenerationParams
-    from scalelab.posttrain.chat import chat_stop_ids
-
     was_training = model.training
     engine = Engine(model, tokenizer, max_batch=max(1, min(max_batch, len(prompts))))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed,
@@ -181,9 +181,6 @@ def generate_replies(model: GPT, tokenizer, prompts: list[list[int]], max_new_to
 
 def chat_exact_match(model: GPT, tokenizer, records: list[dict], max_new_tokens: int = 32) -> dict:
     """Greedy replies to held-out instruction records, scored by exact match: overall and per task family."""
-    from scalelab.posttrain.chat import prompt_ids
-    from scalelab.posttrain.mixture import exact_match_reward
-
     ctx = model.config.block_size
     usable = [(r, prompt_ids(tokenizer, r["messages"][:-1])) for r in records if "answer" in r]
     usable = [(r, p) for r, p in usable if len(p) < ctx]

@@ -120,6 +120,7 @@ def load_preferences(path: str | Path) -> list[Preference]:
 def load_hf_records(name: str, split: str) -> tuple[str, list[dict]]:
     """Rows of a Hugging Face dataset (hub name, saved folder, or a local data file)."""
     try:
+        # deferred: HF datasets is an optional extra (pip install scalelab[hf])
         import datasets
     except ImportError:
         raise ScalelabError("HF datasets need the datasets package: pip install 'scalelab[hf]'") from None

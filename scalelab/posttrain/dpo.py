@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from scalelab.config import Config
 from scalelab.posttrain import common
+from scalelab.posttrain.common import sequence_logprob
 from scalelab.posttrain.data import preference_batch, split_holdout, tokenize_preferences, write_jsonl
 from scalelab.posttrain.reward_model import load_pairs, tokenized_or_fail
 from scalelab.runtime import autocast_context, resolve_device, seed_everything
@@ -42,8 +43,6 @@ def reference_logprobs(model, rows, pad_id: int, batch_size: int, device) -> tor
 
     Computed once: the reference never changes, so DPO then needs one model in each step.
     """
-    from scalelab.posttrain.common import sequence_logprob
-
     out = []
     for i in range(0, len(rows), batch_size):
         ids, mask, _, _ = preference_batch(rows[i : i + batch_size], pad_id)

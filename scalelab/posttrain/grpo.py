@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from scalelab.errors import ScalelabError
+from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.ppo import kl_estimate, logprobs_and_entropy
@@ -109,7 +110,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 @dataclass
 class Group:
     """One prompt's ``group_size`` replies and what they scored."""
-
     prompt: list[int]
     extra: object
     outs: list  # engine Completions
@@ -170,8 +170,6 @@ class GRPOTrainer:
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], round_: int = 0):
         """``group_size`` replies per prompt, prompt-major, each with its log-probs at the sampling temperature."""
-        from scalelab.infer.engine import Engine, GenerationParams
-
         self.policy.eval()
         # Every sample of the batch decodes at once; the seeds are per sample, so batch mates change nothing.
         engine = Engine(self.policy, self.tok, max_batch=len(prompts) * self.group_size)

@@ -14,10 +14,13 @@ from pathlib import Path
 
 from scalelab.config import Config
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import plt, save_figure
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.grpo import GRPOTrainer
 from scalelab.runtime import resolve_device, seed_everything
+from scalelab.tasks import get_task
+from scalelab.tasks.answer_format import make_reward, verify
 from scalelab.train.metrics import MetricsLogger, read_metrics
 
 
@@ -55,8 +58,6 @@ class ProblemStream:
 
 def greedy_pass_at_1(policy, tok, problems: list, encode, max_new_tokens: int) -> dict:
     """Greedy replies to ``problems``, verified: pass@1, the share with an answer line, the mean reply length."""
-    from scalelab.tasks.answer_format import verify
-
     outs = common.generate_replies(policy, tok, [encode(p) for p in problems], max_new_tokens)
     checks = [verify(p, o.text) for p, o in zip(problems, outs)]
     return {"pass@1": sum(c["correct"] for c in checks) / len(checks),
@@ -67,8 +68,6 @@ def greedy_pass_at_1(policy, tok, problems: list, encode, max_new_tokens: int) -
 
 def plot_reward(records: list[dict], out_path: Path) -> Path:
     """reward.png: the sampled replies' mean reward (left), and pass@1 sampled and greedy held-out (right)."""
-    from scalelab.evals.plots import plt, save_figure
-
     train = [r for r in records if r.get("kind") == "grpo"]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
@@ -88,9 +87,6 @@ def plot_reward(records: list[dict], out_path: Path) -> Path:
 
 def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     """GRPO from the --init run on the task ``grpo.task``; writes a run folder."""
-    from scalelab.tasks import get_task
-    from scalelab.tasks.answer_format import make_reward, verify
-
     g = cfg.grpo
     task = get_task(g.task)
     difficulty = g.difficulty or task.default_difficulty

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from scalelab.config import Config, PPOConfig
 from scalelab.errors import ScalelabError
+from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
@@ -115,7 +116,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 class KLController:
     """beta for the KL penalty: fixed, or adapted towards a target KL per sequence (Ziegler et al. 2019)."""
-
     def __init__(self, beta: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000):
         self.value, self.adaptive, self.target, self.horizon = beta, adaptive, target, horizon
 
@@ -166,8 +166,6 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], extras: list) -> Rollout:
-        from scalelab.infer.engine import Engine, GenerationParams
-
         c = self.cfg
         self.policy.eval()
         engine = Engine(self.policy, self.tok, max_batch=len(prompts))
@@ -265,7 +263,6 @@ def _reward_fn(cfg: Config, tokenizer, device) -> RewardFn:
 
 class RewardModelScorer:
     """A reward model as a PPO reward: every reply of a rollout batch scored in one forward pass."""
-
     def __init__(self, rm: ScalarHeadModel, end_id: int, pad_id: int, device):
         self.rm, self.end_id, self.pad_id, self.device = rm, end_id, pad_id, device
 

@@ -24,10 +24,17 @@ from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.posttrain import common
 from scalelab.posttrain.data import (
-    Preference, load_hf_preferences, load_preferences, preference_batch, split_holdout, tokenize_preferences, write_jsonl,
+    Preference,
+    load_hf_preferences,
+    load_preferences,
+    preference_batch,
+    split_holdout,
+    tokenize_preferences,
+    write_jsonl,
 )
 from scalelab.posttrain.mixture import people_group, preference_pairs
 from scalelab.runtime import resolve_device, seed_everything
+from scalelab.tokenizer import load_tokenizer
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
@@ -77,8 +84,6 @@ class ScalarHeadModel(nn.Module):
 
 def load_reward_model(run_dir: str | Path, device="cpu") -> tuple[ScalarHeadModel, object]:
     """The reward model of an ``scalelab rm`` run folder, and its tokenizer."""
-    from scalelab.tokenizer import load_tokenizer
-
     run = Path(run_dir)
     found = ckpt.latest_checkpoint(run / "checkpoints")
     if found is None or not (found / HEAD_FILE).is_file():

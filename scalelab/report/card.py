@@ -13,9 +13,14 @@ import math
 import os
 import platform
 import time
+import tomllib
 from pathlib import Path
 
+import torch
+
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import plt, save_figure
+from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.report.blocks import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Section, Table
 from scalelab.report.html import render_html
 from scalelab.train.metrics import read_metrics
@@ -127,9 +132,7 @@ def _samples(run: Path, summary: dict) -> list[str]:
 def _model_flops_per_token(config_table: dict) -> int | None:
     """Training FLOPs per token of the run's model, built on the meta device (no memory, no weights)."""
     try:
-        import torch
 
-        from scalelab.model.gpt import GPT, GPTConfig
 
         with torch.device("meta"):
             return GPT(GPTConfig(**config_table["model"])).flops_per_token()
@@ -196,8 +199,6 @@ def collect_run(path: str | Path, name: str | None = None) -> RunInfo:
     if config_path.is_file():
         info.config_text = config_path.read_text(encoding="utf-8")
         try:
-            import tomllib
-
             config_table = tomllib.loads(info.config_text)
         except ValueError:
             config_table = {}
@@ -244,8 +245,6 @@ def collect_runs(run_dirs) -> list[RunInfo]:
 
 def machine_info() -> dict[str, str]:
     """The machine writing the report: CPU model, cores, RAM, torch and any CUDA device."""
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -293,7 +292,6 @@ def plot_loss_overview(runs: list[RunInfo], out_path: Path) -> Path | None:
     curves = [c for c in curves if c[1] or c[2]]
     if not curves:
         return None
-    from scalelab.evals.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r, train, evals in curves:
@@ -410,7 +408,6 @@ def write_report_card(run_dirs, out: str | Path | None = None, title: str | None
 
     Without ``out`` the card goes into the folder that holds every run (the run folder itself for one run).
     """
-
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise ScalelabError("report needs at least one run folder")

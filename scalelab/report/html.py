@@ -6,6 +6,8 @@ import base64
 import html
 import re
 
+from markdown_it import MarkdownIt
+
 from scalelab.report.blocks import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Table
 
 STYLE = """
@@ -51,7 +53,6 @@ def _figure(f: Figure) -> str:
 
 def _notes(n: Notes) -> str:
     try:  # markdown-it-py (CommonMark) when installed renders a study's tables; otherwise the text as written
-        from markdown_it import MarkdownIt
 
         body = MarkdownIt("commonmark", {"html": False}).enable("table").render(n.text)
         # a study's own headings sit below this card's sections; its image links would point outside the page

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares, minimize
+from threadpoolctl import threadpool_limits
 
 from scalelab.errors import ScalelabError
 
@@ -48,7 +49,7 @@ def _single_threaded_blas():
     # L-BFGS-B makes thousands of 5x5 BLAS calls; OpenBLAS waking its thread pool for each one made
     # these fits ~50x slower on a busy 2-core machine. Capped only for the fit, then restored.
     try:
-        from threadpoolctl import threadpool_limits
+        pass
     except ImportError:
         controls = _openblas_thread_controls()
         saved = [get() for get, _ in controls]
@@ -144,7 +145,6 @@ class _HuberLogLoss:
     reweighting rather than a copy. Scaled by 1/(n delta^2) so L-BFGS-B's relative tolerances
     see an O(1) objective, not one of order delta^2.
     """
-
     def __init__(self, logN, logD, logL, delta, weights=None):
         self.mN, self.mD = float(logN.mean()), float(logD.mean())
         self.u, self.v, self.y = logN - self.mN, logD - self.mD, logL
@@ -213,7 +213,6 @@ def _best_of(obj: _HuberLogLoss, starts) -> tuple[np.ndarray, float]:
 @dataclass
 class ChinchillaFit:
     """L(N, D) = E + A/N^alpha + B/D^beta, with bootstrap percentile intervals."""
-
     E: float
     A: float
     B: float
@@ -390,7 +389,6 @@ def fit_chinchilla(df, n_bootstrap: int = 200, seed: int = 0, huber_delta: float
 @dataclass
 class PowerLawFit:
     """L(C) = E + (C_c / C)^alpha on the compute frontier; form 'power' means E is fixed at 0."""
-
     form: str  # "saturating" or "power"
     E: float
     alpha: float
@@ -495,7 +493,6 @@ def fit_power_law_frontier(df, min_saturating_points: int = 5) -> PowerLawFit:
 @dataclass
 class IsoFLOPFit:
     """N_opt = k_N C^a and D_opt = k_D C^b from parabola vertices of loss vs log N per budget."""
-
     a: float
     b: float
     log_k_N: float

@@ -20,12 +20,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from scalelab.config import Config, to_toml
-from scalelab.errors import ScalelabError
 from scalelab.data import subtask_tags
+from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.pipeline import PreparedData, prepare
 from scalelab.runtime import resolve_device
+from scalelab.scaling import fit_chinchilla, fit_isoflop, fit_power_law_frontier, summarize
+from scalelab.scaling.kaplan import fit_kaplan
+from scalelab.scaling.plots import plot_chinchilla_fit, plot_forecasts, plot_isoflop, plot_loss_vs_compute
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.trainer import Trainer, evaluate_loss
 
@@ -183,8 +188,6 @@ def run_sweep(cfg: Config, progress: bool = True) -> list[dict]:
     todo = [s for s in specs if s.name not in done]
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="sweep", unit="run")
     for spec in todo:
         row = train_one(cfg, spec, data, out / "runs" / spec.name)
@@ -202,9 +205,6 @@ def run_sweep(cfg: Config, progress: bool = True) -> list[dict]:
 
 
 def fit_sweep(cfg: Config, rows: list[dict] | None = None) -> dict:
-    from scalelab.scaling import fit_chinchilla, fit_isoflop, fit_power_law_frontier, summarize
-    from scalelab.scaling.plots import plot_chinchilla_fit, plot_isoflop, plot_loss_vs_compute
-
     out = Path(cfg.scaling.out_dir)
     rows = rows if rows is not None else read_results(out / "results.csv")
     if not rows:
@@ -235,9 +235,6 @@ def fit_sweep(cfg: Config, rows: list[dict] | None = None) -> dict:
 
 
 def _fit_form(form: str, rows: list[dict], cfg: Config):
-    from scalelab.scaling import fit_chinchilla
-    from scalelab.scaling.kaplan import fit_kaplan
-
     fitter = {"chinchilla": fit_chinchilla, "kaplan": fit_kaplan}[form]
     return fitter(rows, n_bootstrap=cfg.scaling.n_bootstrap, seed=cfg.run.seed)
 
@@ -308,7 +305,6 @@ def predict_then_verify(cfg: Config) -> dict:
     result["target_run"] = row
     for p in paths:
         p.write_text(json.dumps(result, indent=2, default=float))
-    from scalelab.scaling.plots import plot_forecasts
 
     done = [json.loads(p.read_text()) for p in sorted(paths[0].parent.glob("*.json"))]
     plot_forecasts(fit_rows, [f for f in done if "actual_loss" in f], out / "forecasts.png")

@@ -19,7 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
 from scalelab.errors import ScalelabError
+from scalelab.infer.tools import handle_tool_call
 
 MAX_MEMORY_CHARS = 500
 MAX_MEMORIES = 200  # every memory is in every prompt: an unbounded list would eat the context
@@ -129,8 +133,6 @@ class MemoryStore:
 
     def tool_handler(self):
         """A ``handler`` for scalelab.infer.tools.run_with_tools: bio calls save here, the rest is arithmetic."""
-        from scalelab.infer.tools import handle_tool_call
-
         return lambda text: handle_tool_call(text, memory=self)
 
 
@@ -138,8 +140,6 @@ class MemoryStore:
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error"):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
 
 
@@ -149,8 +149,6 @@ def build_memory_router(store: MemoryStore):
     Bodies are parsed here rather than by FastAPI's models so that every refusal, whatever
     app includes the router, is an OpenAI-style ``{"error": {message, type, code}}``.
     """
-    from fastapi import APIRouter, Request
-
     router = APIRouter()
 
     async def _text_from(request: Request):

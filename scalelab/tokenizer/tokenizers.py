@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers.pre_tokenizers import ByteLevel
 
 from scalelab.errors import ScalelabError
 
@@ -67,7 +70,6 @@ class Tokenizer:
 
 class ByteTokenizer(Tokenizer):
     """The 256 byte values, then the special tokens: no training, no unknowns."""
-
     kind = "byte"
 
     def __init__(self):
@@ -187,8 +189,6 @@ class BPETokenizer(Tokenizer):
         return "".join(out)
 
     def token_byte_lengths(self) -> np.ndarray:
-        from tokenizers.pre_tokenizers import ByteLevel
-
         # The byte-level alphabet maps each byte to one printable character; count characters back to bytes.
         alphabet = set(ByteLevel.alphabet())
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
@@ -210,9 +210,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     The vocabulary has at most ``vocab_size`` entries (fewer only if the corpus runs out of pairs
     to merge). HF training is deterministic, so no seed is needed: same texts, same tokenizer.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     n_base = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_base:
         raise ScalelabError(f"invalid config: tokenizer.vocab_size must be at least {n_base} for byte-level BPE")
@@ -260,8 +257,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             raise ScalelabError(f"{meta_path}: a char tokenizer needs a 'chars' list")
         return CharTokenizer(meta["chars"])
     if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
-
         hf_path = d / "tokenizer.json"
         if not hf_path.is_file():
             raise ScalelabError(f"no BPE tokenizer in {d} (missing tokenizer.json)")

@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from scalelab.errors import ScalelabError
+
 
 class MetricsLogger:
     def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None):
@@ -17,10 +19,9 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard_dir:
                 try:
+                    # deferred: tensorboard is an optional extra (pip install scalelab[tensorboard])
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
-                    from scalelab.errors import ScalelabError
-
                     raise ScalelabError("run.tensorboard = true needs TensorBoard: pip install 'scalelab[tensorboard]'") from None
                 self._tb = SummaryWriter(str(tensorboard_dir))
 

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from scalelab.errors import ScalelabError
 
@@ -75,7 +76,6 @@ def agree_on_loss(loss: float, env, device: torch.device | str = "cpu") -> float
     """
     if not env.enabled:
         return loss
-    import torch.distributed as dist
 
     box = torch.tensor([loss], dtype=torch.float64, device=device)
     dist.broadcast(box, src=0)
@@ -94,7 +94,6 @@ class FaultInjector:
     schedule or a flipped bit). Each fires once per process: replaying STEP after a
     rollback sees clean data and the normal LR, as a transient fault would.
     """
-
     kind: str
     step: int
     factor: float = 1.0

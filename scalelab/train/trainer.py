@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from scalelab.config import Config
 from scalelab.data.loader import TokenLoader, eval_batches
@@ -266,8 +267,6 @@ class Trainer:
         result = TrainResult(steps=end)
         bar = None
         if self.env.is_main and self.cfg.run.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=end, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         start_time = time.perf_counter()
         last_time, best = start_time, float("inf")

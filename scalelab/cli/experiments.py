@@ -2,7 +2,7 @@
 
 Each study registers one action name here; the handler imports its module lazily so
 building the CLI parser stays cheap. A study's own knobs live in its own TOML section
-(``[abstain]``, ...) and dataclass, split off by ``load_experiment_config`` so the shared
+(``[abstain]``, ...) and dataclass, split off by ``load_config_with_section`` so the shared
 ``Config`` tree in scalelab/config.py does not grow a section per study.
 """
 
@@ -21,6 +21,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "icl": ("scalelab.experiments.icl", "accuracy against shot count (0, 1, few) for several model sizes"),
     "adaptation": ("scalelab.experiments.adaptation",
                    "embeddings: zero-shot cosine vs linear probe; task heads; full / last-k / frozen / LoRA fine-tuning"),
+    "emergence": ("scalelab.experiments.emergence",
+                  "exact match next to continuous metrics over a scaling sweep's runs (scaling.out_dir)"),
     "families": ("scalelab.experiments.families",
                  "decoder-only vs encoder-only (masked LM) vs prefix-LM at equal training FLOPs"),
 }
@@ -31,6 +33,7 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("action", choices=sorted(ACTIONS), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(ACTIONS.items())))
     add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="delete the experiment's output folder first")
+    p.add_argument("--n", type=int, default=100, help="emergence: examples per task and run")
     return {"experiments": _run}
 
 
@@ -38,13 +41,3 @@ def _run(args) -> None:
     import importlib
 
     importlib.import_module(ACTIONS[args.action][0]).run_cli(args)
-
-
-def load_experiment_config(path, overrides, section: str, cls):
-    """(Config, section dataclass) from one TOML file + ``--set`` overrides; ``[section]`` keys go to ``cls``."""
-    from scalelab.config import _build, apply_overrides, config_from_dict, read_toml
-
-    table = read_toml(path) if path else {}
-    apply_overrides(table, list(overrides or []))
-    own = table.pop(section, {})
-    return config_from_dict(table), _build(cls, own, section)

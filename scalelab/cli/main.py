@@ -64,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["sweep", "fit", "predict"])
     _add_config_args(p)
 
-    p = sub.add_parser("evals", help="studies over many runs: emergence (exact match vs continuous metrics)")
+    p = sub.add_parser("evals", help="deprecated: 'evals emergence' is now 'experiments emergence'")
     p.add_argument("action", choices=["emergence"])
     _add_config_args(p)
     p.add_argument("--n", type=int, default=100, help="examples per task and run")
+    p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("config", help="print the resolved config as TOML")
     p.add_argument("action", choices=["show"])
@@ -89,7 +90,7 @@ def _cmd_pretrain(args) -> None:
     stages = () if args.skip_eval else ("eval", "sample", "report")
     summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, stages=stages)
     if "eval" in summary:
-        from scalelab.evals.commands import print_eval
+        from scalelab.cli.evals import print_eval
 
         print_eval(summary["eval"])
     for s in summary.get("samples", []):
@@ -114,8 +115,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from scalelab.report import write_report
-    from scalelab.report import collect_run, write_report_card
+    from scalelab.report import collect_run, write_report, write_report_card
 
     if len(args.run_dirs) == 1 and args.out is None and collect_run(args.run_dirs[0]).stage == "base":
         # one pretraining run, as before: its report.md and loss.png are rewritten too
@@ -177,13 +177,11 @@ def _cmd_scaling(args) -> None:
 
 
 def _cmd_evals(args) -> None:
-    from scalelab.config import load_config
-    from scalelab.experiments.emergence import run_emergence
+    from scalelab.experiments.emergence import run_cli
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_emergence(cfg.scaling.out_dir, n=args.n, seed=cfg.run.seed, progress=cfg.run.progress)
-    print(result["summary"])
-    print(f"plot: {result['png']}; table: {result['csv']}")
+    print("scalelab: 'evals emergence' is deprecated and goes in the next release; "
+          "use 'scalelab experiments emergence'", file=sys.stderr)
+    run_cli(args)
 
 
 def _cmd_config(args) -> None:
@@ -199,9 +197,9 @@ COMMANDS = {
 }
 
 
-STAGE_COMMAND_MODULES: list[str] = ["scalelab.infer.commands", "scalelab.serve.commands", "scalelab.parallel.commands",
-                                    "scalelab.posttrain.commands", "scalelab.experiments.commands",
-                                    "scalelab.evals.commands", "scalelab.tasks.commands", "scalelab.adapt.commands"]
+STAGE_COMMAND_MODULES: list[str] = ["scalelab.cli.infer", "scalelab.cli.serve", "scalelab.cli.parallel",
+                                    "scalelab.cli.posttrain", "scalelab.cli.experiments",
+                                    "scalelab.cli.evals", "scalelab.cli.tasks", "scalelab.cli.adapt"]
 
 
 def main(argv: list[str] | None = None) -> int:
