@@ -38,12 +38,13 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
 from results_file import append_results
+
+from scalelab.config import GRPOConfig
 from scalelab.errors import ScalelabError
 from scalelab.infer.export_hf import export_hf
 from scalelab.model.gpt import GPT, GPTConfig
@@ -162,9 +163,9 @@ def run_ours(model, tok, task, items, args, seed: int) -> dict:
     policy = copy.deepcopy(model)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(policy, tok, lambda i, text, item: task.reward(item, text), group_size=args.group,
-                          lr=args.lr, kl_coef=args.beta, clip=args.clip, max_new_tokens=args.max_new_tokens,
+                          optim=replace(GRPOConfig().optim, lr=args.lr, grad_clip=1.0), kl_coef=args.beta, clip=args.clip, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, minibatch_size=args.prompts * args.group, epochs=1,
-                          grad_clip=1.0, seed=seed, loss_norm="token",
+                          seed=seed, loss_norm="token",
                           # TRL with one pass per batch takes the sampling policy's log-probs as the current ones,
                           # detached, without a forward of its own; the engine's log-probs spare ours that forward too.
                           old_logprobs="engine")

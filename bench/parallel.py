@@ -49,7 +49,7 @@ def worker(args) -> None:
     rep, shard, tp = (int(x) for x in args.layout.split("x"))
     cfg = load_config(None, [
         f"model.vocab_size={args.vocab}", f"model.depth={args.depth}", f"model.n_embd={args.n_embd}",
-        f"model.block_size={args.block}", f"train.batch_size={args.batch}", "train.warmup_steps=1",
+        f"model.block_size={args.block}", f"train.batch_size={args.batch}", "train.optim.warmup_steps=1",
         f"train.steps={args.steps + args.warmup}", f"parallel.dp_replicate={rep}", f"parallel.dp_shard={shard}",
         f"parallel.tp={tp}", "run.progress=false", "run.device=cpu",
     ])

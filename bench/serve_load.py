@@ -51,7 +51,7 @@ def build_run(folder: Path) -> Path:
         "run.out_dir": f'"{run}"', "run.progress": "false", "data.world.n_people": "200",
         "data.world.bios_per_person": "2", "tokenizer.vocab_size": "2048", "model.depth": "4",
         "model.n_embd": "256", "model.block_size": "256", "train.steps": "10", "train.batch_size": "8",
-        "train.warmup_steps": "2", "train.eval_every": "10", "train.eval_batches": "1",
+        "train.optim.warmup_steps": "2", "train.eval_every": "10", "train.eval_batches": "1",
     }
     args = sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])
     subprocess.run(scalelab("pretrain", "--skip-eval", *args), env=env(), check=True, capture_output=True)

@@ -8,7 +8,7 @@ val loss 1.88, and the best val loss within the budget. Validation loss is measu
 Reads ../shared/data/tinyshakespeare/input.txt (or --data); exits 0 with a message when absent.
 Appends to bench/results/shakespeare_char.md.
 
-    python bench/shakespeare_char.py [--steps 2000] [--set train.lr=3e-3 ...]
+    python bench/shakespeare_char.py [--steps 2000] [--set train.optim.lr=3e-3 ...]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> int:
     t = cfg.train
     seed_everything(cfg.run.seed)
     model = GPT(cfg.model)
-    opt = build_optimizer(model, t)
+    opt = build_optimizer(model, t.optim)
     loader = TokenLoader(train_ids, t.batch_size, model.config.block_size, seed=cfg.run.seed)
     device = torch.device("cpu")
 
@@ -67,12 +67,12 @@ def main() -> int:
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, t)
+            g["lr"] = lr_at(step - 1, t.optim, t.steps)
         x, y = loader.next_batch()
         loss = model(x, y)
         loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if t.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_time += time.perf_counter() - t0

@@ -8,10 +8,12 @@ loudly with the key's name instead of being silently ignored.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,20 +50,40 @@ class TokenizerConfig:
     path: str = ""  # reuse a saved tokenizer instead of training one
 
 
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """One stage's optimizer and learning-rate schedule: ``[train.optim]``, ``[sft.optim]``, ``[grpo.optim]``, ...
+
+    Every stage builds its optimizer with train/optim.build_optimizer and steps its learning rate with
+    train/optim.lr_at from this section. A post-training stage's keys that its TOML leaves out are taken
+    from ``[train.optim]``, except the ones the stage fixes itself (see STAGE_OPTIM_DEFAULTS).
+    """
+
+    name: str = "adamw"  # OPTIMIZERS
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps
+    schedule: str = "cosine"  # SCHEDULES: cosine | wsd | constant, after the warmup
+    min_lr_ratio: float = 0.1  # cosine and wsd end at lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1  # on matrix weights only (GPT.optimizer_groups), never norms or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0: none
+
+
 @dataclass
 class TrainConfig:
+    """Pretraining: steps, batch, evaluation, checkpoints and the spike guard; the optimizer is [train.optim]."""
+
     steps: int = 1000
     batch_size: int = 32  # global, in sequences per optimizer step, whatever the number of processes
     grad_accum: int = 1  # micro-batches per step; per-process micro-batch = batch_size / (world * grad_accum)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | wsd | constant
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
@@ -137,7 +159,7 @@ class ParallelConfig:
 
 @dataclass
 class SFTConfig:
-    """Instruction tuning (scalelab sft). The optimizer's other settings (betas, decay, clip, schedule) come from [train]."""
+    """Instruction tuning (scalelab sft); its optimizer is [sft.optim]."""
 
     data: str = "mixture"  # mixture: the built-in instruction mixture | jsonl | hf
     path: str = ""  # jsonl file, or HF dataset name / saved folder / data file
@@ -150,8 +172,7 @@ class SFTConfig:
     pack: bool = True  # several conversations per block; false: one per row
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-4
-    warmup_steps: int = 20
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
     eval_every: int = 50
 
 
@@ -169,8 +190,7 @@ class RMConfig:
     margin: float = 0.0  # added to each pair's own margin field: loss = -log sigmoid(r_c - r_r - margin)
     steps: int = 200
     batch_size: int = 16
-    lr: float = 1e-4
-    warmup_steps: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
     eval_every: int = 50
 
 
@@ -189,8 +209,8 @@ class PPOConfig:
     epochs: int = 1  # passes over each rollout batch; more reuses data but drifts off-policy
     max_new_tokens: int = 32
     temperature: float = 1.0
-    lr: float = 1e-5
-    critic_lr: float = 1e-4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2  # 0: unclipped value loss
     vf_coef: float = 0.5
@@ -222,8 +242,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
     steps: int = 200
     batch_size: int = 16
-    lr: float = 5e-5
-    warmup_steps: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10))
     eval_every: int = 50
 
 
@@ -239,8 +258,8 @@ class GRPOConfig:
     group_size: int = 8  # replies sampled per prompt
     minibatch_size: int = 0  # replies per optimizer step; 0: the whole batch (one update per step)
     epochs: int = 1  # passes over each step's replies
-    lr: float = 1e-5
-    warmup: int = 0  # steps of linear learning-rate warmup, then constant
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant",
+                                                                   weight_decay=0.0))
     kl_coef: float = 0.0  # k3 KL to the starting model as a loss term; 0: no reference copy, no reference pass
     clip: float = 0.2  # PPO ratio clip; 0: the plain ratio surrogate
     loss_norm: str = "token"  # token: every reply token weighs the same (DAPO) | sequence: every reply does (GRPO)
@@ -362,7 +381,7 @@ def _parse_override_value(text: str) -> Any:
 def apply_overrides(table: dict, overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item:
-            raise ScalelabError(f"bad override '{item}': expected key=value, e.g. train.lr=3e-4")
+            raise ScalelabError(f"bad override '{item}': expected key=value, e.g. train.optim.lr=3e-4")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
@@ -387,12 +406,71 @@ def read_toml(path: str | Path) -> dict:
         raise ScalelabError(f"config file {p} is not valid TOML: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    table = read_toml(path) if path else {}
-    apply_overrides(table, list(overrides or []))
+# What a post-training stage fixes in its optimizer section; its other keys default to [train.optim]'s.
+# SFT, RM and DPO take their own rate and warmup; PPO and GRPO keep a constant rate (after any warmup)
+# with the betas of the usual RL recipes, and GRPO no weight decay.
+_RL_OPTIM = {"warmup_steps": 0, "schedule": "constant", "beta1": 0.9, "beta2": 0.95}
+STAGE_OPTIM_DEFAULTS: dict[str, dict] = {
+    "sft.optim": {"lr": 3e-4, "warmup_steps": 20},
+    "rm.optim": {"lr": 1e-4, "warmup_steps": 10},
+    "dpo.optim": {"lr": 5e-5, "warmup_steps": 10},
+    "ppo.optim": {"lr": 1e-5, **_RL_OPTIM},
+    "ppo.critic_optim": {"lr": 1e-4, **_RL_OPTIM},
+    "grpo.optim": {"lr": 1e-5, "weight_decay": 0.0, **_RL_OPTIM},
+}
+# Optimizer keys that sat directly in a stage's section before [STAGE.optim] existed: still read (and
+# moved, with a warning) so that run folders and recipes written then keep working for one release.
+_LEGACY_OPTIM_KEYS = ("lr", "warmup_steps", "schedule", "min_lr_ratio", "decay_fraction", "weight_decay",
+                      "beta1", "beta2", "grad_clip")
+_LEGACY_RENAMES = {("grpo", "warmup"): ("optim", "warmup_steps"), ("ppo", "critic_lr"): ("critic_optim", "lr")}
+
+
+def _move_legacy_optim_keys(table: dict) -> None:
+    moved = []
+    for sec in ("train", "sft", "rm", "dpo", "ppo", "grpo"):
+        section = table.get(sec)
+        if not isinstance(section, dict):
+            continue
+        renames = {k: ("optim", k) for k in _LEGACY_OPTIM_KEYS if k in section}
+        renames.update({old: new for (s, old), new in _LEGACY_RENAMES.items() if s == sec and old in section})
+        for old, (sub, new) in renames.items():
+            target = section.setdefault(sub, {})
+            if not isinstance(target, dict):
+                raise ScalelabError(f"config key {sec}.{sub}: expected a table, got {target!r}")
+            value = section.pop(old)
+            target.setdefault(new, value)  # the new spelling wins when both are given
+            moved.append(f"{sec}.{old} -> {sec}.{sub}.{new}")
+    if moved:
+        warnings.warn(f"old config keys read as {', '.join(moved)}; the old names go in the next release",
+                      FutureWarning, stacklevel=3)
+
+
+def _inherit_stage_optims(table: dict) -> None:
+    """Fill each post-training stage's optimizer table from [train.optim] and the stage's fixed keys."""
+    train = table.get("train", {})
+    base = train.get("optim", {}) if isinstance(train, dict) else {}
+    if not isinstance(base, dict):
+        return  # _build names the bad key
+    for dotted, fixed in STAGE_OPTIM_DEFAULTS.items():
+        sec, sub = dotted.split(".")
+        section = table.setdefault(sec, {})
+        if not isinstance(section, dict) or not isinstance(section.get(sub, {}), dict):
+            continue
+        section[sub] = {**base, **fixed, **section.get(sub, {})}
+
+
+def _config_from_table(table: dict) -> Config:
+    _move_legacy_optim_keys(table)
+    _inherit_stage_optims(table)
     cfg = _build(Config, table)
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    table = read_toml(path) if path else {}
+    apply_overrides(table, list(overrides or []))
+    return _config_from_table(table)
 
 
 def load_config_with_section(path, overrides, section: str, cls):
@@ -404,13 +482,11 @@ def load_config_with_section(path, overrides, section: str, cls):
     table = read_toml(path) if path else {}
     apply_overrides(table, list(overrides or []))
     own = table.pop(section, {})
-    return config_from_dict(table), _build(cls, own, section)
+    return _config_from_table(table), _build(cls, own, section)
 
 
 def config_from_dict(table: dict) -> Config:
-    cfg = _build(Config, table)
-    validate(cfg)
-    return cfg
+    return _config_from_table(copy.deepcopy(table))
 
 
 def validate(cfg: Config) -> None:
@@ -424,11 +500,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.steps >= 1, "train.steps must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
-        (cfg.train.lr > 0, "train.lr must be positive"),
-        (0.0 <= cfg.train.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
-        (cfg.train.schedule in ("cosine", "wsd", "constant"), "train.schedule must be one of cosine, wsd, constant"),
-        (0.0 <= cfg.train.decay_fraction <= 1.0, "train.decay_fraction must be in [0, 1]"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        *(check for name, optim in _stage_optims(cfg) for check in optim_checks(optim, name)),
         (cfg.train.dtype in ("auto", "fp32", "bf16"), "train.dtype must be one of auto, fp32, bf16"),
         (cfg.train.eval_every >= 1, "train.eval_every must be at least 1"),
         (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 keeps all)"),
@@ -465,6 +537,27 @@ def validate(cfg: Config) -> None:
     cfg.model.validate()
 
 
+def _stage_optims(cfg: Config) -> list[tuple[str, OptimConfig]]:
+    return [("train.optim", cfg.train.optim), ("sft.optim", cfg.sft.optim), ("rm.optim", cfg.rm.optim),
+            ("dpo.optim", cfg.dpo.optim), ("ppo.optim", cfg.ppo.optim), ("ppo.critic_optim", cfg.ppo.critic_optim),
+            ("grpo.optim", cfg.grpo.optim)]
+
+
+def optim_checks(o: OptimConfig, name: str) -> list[tuple[bool, str]]:
+    """Value checks of one optimizer section, each naming its key (``name`` is e.g. "sft.optim")."""
+    return [
+        (o.name in OPTIMIZERS, f"{name}.name must be one of {', '.join(OPTIMIZERS)}"),
+        (o.lr > 0, f"{name}.lr must be positive"),
+        (o.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0"),
+        (o.schedule in SCHEDULES, f"{name}.schedule must be one of {', '.join(SCHEDULES)}"),
+        (0.0 <= o.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio must be in [0, 1]"),
+        (0.0 <= o.decay_fraction <= 1.0, f"{name}.decay_fraction must be in [0, 1]"),
+        (o.weight_decay >= 0 and o.grad_clip >= 0, f"{name}.weight_decay and {name}.grad_clip must be >= 0"),
+        (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, f"{name}.beta1 and {name}.beta2 must be in [0, 1)"),
+        (o.eps > 0, f"{name}.eps must be positive"),
+    ]
+
+
 def _posttrain_checks(cfg: Config) -> list[tuple[bool, str]]:
     s, r, p, d = cfg.sft, cfg.rm, cfg.ppo, cfg.dpo
     checks = [
@@ -487,8 +580,8 @@ def _posttrain_checks(cfg: Config) -> list[tuple[bool, str]]:
     checks += _grpo_checks(cfg.grpo)
     for name, sec in (("sft", s), ("rm", r), ("dpo", d)):
         checks += [
-            (sec.steps >= 1 and sec.batch_size >= 1 and sec.lr > 0, f"{name}.steps, {name}.batch_size and {name}.lr must be positive"),
-            (sec.warmup_steps >= 0 and sec.eval_every >= 1, f"{name}.warmup_steps must be >= 0 and {name}.eval_every >= 1"),
+            (sec.steps >= 1 and sec.batch_size >= 1, f"{name}.steps and {name}.batch_size must be positive"),
+            (sec.eval_every >= 1, f"{name}.eval_every must be >= 1"),
             (0.0 <= sec.val_fraction < 1.0, f"{name}.val_fraction must be in [0, 1)"),
             (sec.data == "mixture" or sec.data == "generated" or bool(sec.path), f"{name}.path is required when {name}.data = '{sec.data}'"),
         ]
@@ -507,7 +600,6 @@ def _grpo_checks(g: GRPOConfig) -> list[tuple[bool, str]]:
         (g.steps >= 1 and g.prompts_per_step >= 1 and g.epochs >= 1, "grpo.steps, grpo.prompts_per_step and grpo.epochs must be >= 1"),
         (g.group_size >= 2, "grpo.group_size must be at least 2: one reply has no group baseline"),
         (g.minibatch_size >= 0, "grpo.minibatch_size must be >= 0 (0: the whole batch)"),
-        (g.lr > 0 and g.warmup >= 0, "grpo.lr must be positive and grpo.warmup >= 0"),
         (g.kl_coef >= 0 and g.clip >= 0, "grpo.kl_coef and grpo.clip must be >= 0 (0 turns each off)"),
         (g.loss_norm in ("token", "sequence"), "grpo.loss_norm must be token or sequence"),
         (g.old_logprobs in ("engine", "recompute"), "grpo.old_logprobs must be engine or recompute"),

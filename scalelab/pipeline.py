@@ -30,13 +30,12 @@ from scalelab.evals.tasks import exact_match
 from scalelab.infer.sample import SamplingParams, cut_at_stop, generate
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
 from scalelab.report import write_report, write_report_card
+from scalelab.run import CHECKPOINTS_DIR, CONFIG_FILE, WORLD_FILE, Run
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger, read_metrics, truncate_after
 from scalelab.train.trainer import Trainer, evaluate_loss, write_json
-
-CONFIG_FILE = "config.toml"
 
 
 @dataclass
@@ -73,7 +72,7 @@ def prepare(cfg: Config, run_dir: str | Path, env: DistEnv = DistEnv()) -> Prepa
         tokenizer.save(tok_dir)
         build_shards(docs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.run.seed)
         if cfg.data.source == "world":
-            World(cfg.data.world).save(run / "world.json")
+            World(cfg.data.world).save(run / WORLD_FILE)
             _, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.run.seed)
             subtask_tags.save_tags(subtask_tags.tag_token_stream(val_docs, tokenizer), data_dir)
     barrier(env)
@@ -133,7 +132,7 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
 
 
 def _claim_run_dir(run: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
-    has_ckpt = ckpt.latest_checkpoint(run / "checkpoints") is not None
+    has_ckpt = ckpt.latest_checkpoint(run / CHECKPOINTS_DIR) is not None
     if overwrite and run.exists():
         shutil.rmtree(run)
     elif has_ckpt and not resume:
@@ -151,20 +150,13 @@ def _claim_run_dir(run: Path, cfg: Config, resume: bool, overwrite: bool) -> Non
     run.mkdir(parents=True, exist_ok=True)
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
-    run = Path(run_dir)
-    if not (run / CONFIG_FILE).is_file():
-        raise ScalelabError(f"{run} is not a run folder (no {CONFIG_FILE})")
-    return load_config(run / CONFIG_FILE, overrides)
-
-
 def evaluate(run_dir: str | Path, cfg: Config | None = None, data: PreparedData | None = None) -> dict:
     """Full-validation loss and bits per byte, the n-gram baseline on the same tokens, and task exact match."""
-    run = Path(run_dir)
-    cfg = cfg or load_run_config(run)
-    data = data or PreparedData(tokenizer=load_tokenizer(run / "tokenizer"), shards=TokenShards(run / "data"))
+    opened = Run.open(run_dir)
+    run, cfg = opened.path, cfg or opened.cfg
+    data = data or PreparedData(tokenizer=opened.tokenizer, shards=TokenShards(opened.data_dir))
     device = resolve_device(cfg.run.device)
-    model = ckpt.load_model(run, device)
+    model = opened.load_model(device)
     t0 = time.perf_counter()
     bpt = data.shards.bytes_per_token("val")
     val_loss, n_tokens = evaluate_loss(
@@ -213,10 +205,10 @@ def _world_tasks(model, tokenizer, cfg: Config) -> dict:
 
 def sample(run_dir: str | Path, cfg: Config | None = None, prompt: str | None = None) -> list[dict]:
     """Samples from the run's model; written to samples.jsonl in the run folder."""
-    run = Path(run_dir)
-    cfg = cfg or load_run_config(run)
-    tokenizer = load_tokenizer(run / "tokenizer")
-    model = ckpt.load_model(run, resolve_device(cfg.run.device))
+    opened = Run.open(run_dir)
+    run, cfg = opened.path, cfg or opened.cfg
+    tokenizer = opened.tokenizer
+    model = opened.load_model(resolve_device(cfg.run.device))
     s = cfg.sample
     text = s.prompt if prompt is None else prompt
     if not text and cfg.data.source == "world":
@@ -241,6 +233,6 @@ def _default_world_prompt(cfg: Config) -> str:
 
 
 __all__ = [
-    "Config", "PreparedData", "config_from_dict", "evaluate", "load_config", "load_corpus", "load_run_config",
+    "Config", "PreparedData", "config_from_dict", "evaluate", "load_config", "load_corpus",
     "prepare", "pretrain", "read_metrics", "sample",
 ]

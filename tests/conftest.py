@@ -32,7 +32,7 @@ def tiny_overrides(out_dir: Path, steps: int = 8, **extra) -> list[str]:
         "model.block_size": "32",
         "train.steps": str(steps),
         "train.batch_size": "8",
-        "train.warmup_steps": "2",
+        "train.optim.warmup_steps": "2",
         "train.eval_every": "4",
         "train.eval_batches": "2",
         "train.log_every": "1",

@@ -55,7 +55,7 @@ def test_existing_run_is_not_overwritten(finished_run):
 
 
 def test_config_show_prints_resolved_toml():
-    r = run_cli("config", "show", "--set", "train.lr=0.01")
+    r = run_cli("config", "show", "--set", "train.optim.lr=0.01")
     assert r.returncode == 0 and "lr = 0.01" in r.stdout
 
 

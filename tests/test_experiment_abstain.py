@@ -4,19 +4,19 @@ learned judge, and a tiny end-to-end run (seconds) that writes the table, JSON a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-
 from posttrain_util import one_thread, tiny_model  # noqa: F401 (fixture)
+
 from scalelab.cli import main
-from scalelab.config import Config, to_toml
+from scalelab.config import Config, GRPOConfig, load_config_with_section, to_toml
 from scalelab.data.world import World, WorldConfig
 from scalelab.errors import ScalelabError
-from scalelab.experiments import abstain as ab
 from scalelab.evals.answer_scorer import generate_pairs, train_scorer
-from scalelab.config import load_config_with_section
+from scalelab.experiments import abstain as ab
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
 from scalelab.tokenizer import ByteTokenizer
 from scalelab.train import checkpoint as ckpt
@@ -120,7 +120,8 @@ def test_grpo_raises_a_toy_reward():
     tok = CharTokenizer(list("abcd"))  # few symbols, so 'a' is drawn often enough to be reinforced
     policy = tiny_model(tok.vocab_size, 32, seed=0)
     trainer = GRPOTrainer(policy, tok, lambda i, text, extra: text.count("a") / max(1, len(text)), group_size=4,
-                          lr=1e-2, kl_coef=0.0, max_new_tokens=8, minibatch_size=4, seed=0)
+                          optim=replace(GRPOConfig().optim, lr=1e-2), kl_coef=0.0, max_new_tokens=8,
+                          minibatch_size=4, seed=0)
     prompts = [prompt_ids(tok, s) for s in ("ab", "cd", "bd", "ca")]
     history = [trainer.step(prompts) for _ in range(14)]
     first = sum(h["reward"] for h in history[:3]) / 3

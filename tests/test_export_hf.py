@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import scalelab_cmd, subprocess_env  # noqa: E402
 from scalelab.cli import main  # noqa: E402
+from scalelab.config import Config, to_toml  # noqa: E402
 from scalelab.errors import ScalelabError  # noqa: E402
 from scalelab.infer.export_hf import export_hf, hf_architecture  # noqa: E402
 from scalelab.infer.sample import SamplingParams, generate  # noqa: E402
@@ -110,6 +111,7 @@ def _fake_run(root, tokenizer, **model_kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(root / "checkpoints", model, opt, step=1, loader_state={})
     tokenizer.save(root / "tokenizer")
+    (root / "config.toml").write_text(to_toml(Config()))  # every run folder records its config
     return model
 
 

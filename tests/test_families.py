@@ -181,7 +181,7 @@ def _tiny_sets(out):
         "data.val_fraction": "0.1", "data.world.n_people": "16", "data.world.bios_per_person": "2",
         "data.world.extra_tasks": "{}", "tokenizer.vocab_size": "300",
         "model.depth": "1", "model.n_embd": "32", "model.head_dim": "16", "model.block_size": "32",
-        "train.steps": "12", "train.batch_size": "8", "train.warmup_steps": "2", "train.log_every": "5",
+        "train.steps": "12", "train.batch_size": "8", "train.optim.warmup_steps": "2", "train.log_every": "5",
         "families.out_dir": f'"{out}"', "families.qa_examples": "4", "families.max_new_tokens": "5",
         "families.bpb_windows": "2", "families.probe_steps": "10", "families.val_batches": "2",
     }

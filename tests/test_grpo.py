@@ -4,18 +4,22 @@ sampling, a toy run that raises its reward, and `scalelab grpo` end to end."""
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-
 from posttrain_util import make_init_run, one_thread, tiny_model  # noqa: F401 (fixture)
+
+from scalelab.config import GRPOConfig
 from scalelab.errors import ScalelabError
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages, grpo_loss
 from scalelab.posttrain.ppo import logprobs_and_entropy
 from scalelab.tokenizer import CharTokenizer
+
+GRPO_OPTIM = GRPOConfig().optim
 
 
 def test_group_advantages_by_hand():
@@ -110,8 +114,8 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
         return [prompt_ids(tok, "b")] * n, ["varied"] * n
 
     prompts = [prompt_ids(tok, "a"), prompt_ids(tok, "c")]
-    trainer = GRPOTrainer(policy, tok, reward, group_size=4, lr=1e-3, kl_coef=0.0, max_new_tokens=4,
-                          dynamic_sampling=True, max_refill_rounds=2, seed=0)
+    trainer = GRPOTrainer(policy, tok, reward, group_size=4, optim=replace(GRPO_OPTIM, lr=1e-3), kl_coef=0.0,
+                          max_new_tokens=4, dynamic_sampling=True, max_refill_rounds=2, seed=0)
     stats = trainer.step(prompts, ["const", "varied"])
     assert stats["dropped_groups"] == 1 and stats["trained_groups"] == 1 and stats["sample_rounds"] == 1
     assert len(stats["texts"]) == 8
@@ -124,7 +128,8 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
     assert "policy_loss" not in stats
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     # without dynamic sampling every group trains (the uniform one with zero advantage) and none is dropped
-    plain = GRPOTrainer(policy, tok, reward, group_size=4, lr=1e-3, kl_coef=0.0, max_new_tokens=4, seed=0)
+    plain = GRPOTrainer(policy, tok, reward, group_size=4, optim=replace(GRPO_OPTIM, lr=1e-3), kl_coef=0.0,
+                        max_new_tokens=4, seed=0)
     stats = plain.step(prompts, ["const", "varied"])
     assert stats["dropped_groups"] == 0 and stats["zero_adv_groups"] == 1 and stats["trained_groups"] == 2
 
@@ -144,7 +149,7 @@ def test_toy_grpo_run_raises_the_reward():
     tok = CharTokenizer(list("abcd"))  # few symbols, so 'a' is drawn often enough to be reinforced
     policy = tiny_model(tok.vocab_size, 32, seed=0)
     trainer = GRPOTrainer(policy, tok, lambda i, text, extra: text.count("a") / max(1, len(text)), group_size=4,
-                          lr=1e-2, kl_coef=0.01, clip=0.2, max_new_tokens=8, minibatch_size=8, epochs=2, seed=0,
+                          optim=replace(GRPO_OPTIM, lr=1e-2), kl_coef=0.01, clip=0.2, max_new_tokens=8, minibatch_size=8, epochs=2, seed=0,
                           loss_norm="sequence", old_logprobs="engine",
                           correct_fn=lambda extra, text: text.startswith("a"))
     prompts = [prompt_ids(tok, s) for s in ("ab", "cd", "bd", "ca")]

@@ -3,12 +3,20 @@ import math
 
 import pytest
 import torch
-
 from posttrain_util import make_init_run, one_thread, post_overrides, tiny_model  # noqa: F401 (fixture)
-from scalelab.config import PPOConfig, load_config
+
+from scalelab.config import OptimConfig, PPOConfig, load_config
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.ppo import (
-    KLController, PPOTrainer, gae, kl_estimate, logprobs_and_entropy, policy_loss, run_ppo, value_loss, whiten,
+    KLController,
+    PPOTrainer,
+    gae,
+    kl_estimate,
+    logprobs_and_entropy,
+    policy_loss,
+    run_ppo,
+    value_loss,
+    whiten,
 )
 from scalelab.posttrain.reward_model import ScalarHeadModel
 from scalelab.tokenizer import CharTokenizer
@@ -106,7 +114,8 @@ def test_a_tiny_ppo_run_on_a_toy_task_raises_the_reward():
         body = [t for t in reply if t != end]
         return sum(t == a for t in body) / max(len(body), 1)
 
-    cfg = PPOConfig(rollout_batch=16, minibatch_size=8, epochs=1, max_new_tokens=8, lr=1e-2, critic_lr=1e-2,
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
+    cfg = PPOConfig(rollout_batch=16, minibatch_size=8, epochs=1, max_new_tokens=8, optim=optim, critic_optim=optim,
                     kl_coef=0.01, whiten_rewards=True)
     trainer = PPOTrainer(policy, critic, tok, cfg, reward, seed=0)
     prompts = [prompt_ids(tok, s) for s in ("ab", "cd", "bd", "ca")] * 4

@@ -89,7 +89,7 @@ def test_reward_model_run_reports_held_out_pairwise_accuracy(tmp_path):
     init = make_init_run(tmp_path / "base")
     out = tmp_path / "rm"
     cfg = load_config(None, post_overrides(out, **{
-        "rm.n_pairs": "240", "rm.steps": "40", "rm.batch_size": "16", "rm.lr": "3e-3", "rm.eval_every": "20",
+        "rm.n_pairs": "240", "rm.steps": "40", "rm.batch_size": "16", "rm.optim.lr": "3e-3", "rm.eval_every": "20",
         "rm.val_fraction": "0.2"}))
     summary = run_rm(cfg, init)
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
@@ -107,7 +107,7 @@ def test_dpo_run_learns_the_preferences(tmp_path):
     init = make_init_run(tmp_path / "base")
     out = tmp_path / "dpo"
     cfg = load_config(None, post_overrides(out, **{
-        "dpo.n_pairs": "160", "dpo.steps": "30", "dpo.batch_size": "16", "dpo.lr": "1e-3", "dpo.eval_every": "15",
+        "dpo.n_pairs": "160", "dpo.steps": "30", "dpo.batch_size": "16", "dpo.optim.lr": "1e-3", "dpo.eval_every": "15",
         "dpo.beta": "0.5", "dpo.val_fraction": "0.25"}))
     summary = run_dpo(cfg, init)
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]

@@ -156,16 +156,17 @@ def test_sft_run_lowers_the_loss_and_writes_a_loadable_run(tmp_path):
     out = tmp_path / "sft"
     cfg = load_config(None, post_overrides(out, **{
         "sft.n_examples": "200", "sft.families": '["person_qa", "classification"]', "sft.steps": "30",
-        "sft.batch_size": "8", "sft.lr": "3e-3", "sft.warmup_steps": "3", "sft.eval_every": "15"}))
+        "sft.batch_size": "8", "sft.optim.lr": "3e-3", "sft.optim.warmup_steps": "3", "sft.eval_every": "15"}))
     summary = run_sft(cfg, init)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert "val_loss" in summary and "exact_match" in summary
     model = ckpt.load_model(out)  # the same safetensors checkpoint format as pretraining
     assert model.config.block_size == 128
-    from scalelab.pipeline import load_run_config, sample
+    from scalelab.pipeline import sample
+    from scalelab.run import Run
 
-    assert sample(out, load_run_config(out, ["sample.num_samples=1", "sample.max_new_tokens=4"]), prompt="Hi")
+    assert sample(out, Run.open(out, ["sample.num_samples=1", "sample.max_new_tokens=4"]).cfg, prompt="Hi")
     with pytest.raises(ScalelabError, match="already holds a checkpoint"):
         run_sft(cfg, init)
 

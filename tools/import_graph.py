@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scalelab.infer", "scalelab.evals"),
     ("scalelab.pipeline", "scalelab.posttrain", "scalelab.adapt", "scalelab.report"),
     ("scalelab.scaling", "scalelab.experiments", "scalelab.serve"),
-    ("scalelab.cli", "scalelab.__main__", "scalelab.__init__"),
+    ("scalelab.cli", "scalelab.__main__", "scalelab"),
 ]
 
 
@@ -100,7 +100,7 @@ def edges() -> list[Edge]:
 
 def layer_of(module: str) -> int:
     for i, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+        if any(module == p or (p != PACKAGE and module.startswith(p + ".")) for p in prefixes):
             return i
     raise KeyError(f"{module} is in no layer of tools/import_graph.py LAYERS")
 

@@ -14,13 +14,14 @@ pretrained function); it needs nothing from HF transformers, so the backbone sta
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
 import torch
 
+from scalelab.config import OptimConfig
 from scalelab.errors import ScalelabError
+from scalelab.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 MODES = ("full", "last_k", "frozen", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
@@ -101,7 +102,8 @@ def _to(batch: dict, device) -> dict:
 
 def train_head(head, rows: list, steps: int, lr: float, batch_size: int = 32, seed: int = 0, warmup: int = 10,
                weight_decay: float = 0.0, grad_clip: float = 1.0) -> dict:
-    """AdamW on the trainable parameters, linear warmup then cosine decay; returns losses and wall time."""
+    """AdamW on the trainable parameters, linear warmup then cosine decay to 5% of ``lr``; returns losses and
+    wall time."""
     if not rows:
         raise ScalelabError("no training examples")
     if steps < 0 or lr <= 0 or batch_size < 1:
@@ -110,21 +112,20 @@ def train_head(head, rows: list, steps: int, lr: float, batch_size: int = 32, se
     if not params:
         raise ScalelabError("nothing to train: every parameter is frozen")
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    optim = OptimConfig(lr=lr, warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.05, weight_decay=weight_decay,
+                        grad_clip=grad_clip)
+    opt = build_optimizer(params, optim)
     batches = _batches(len(rows), min(batch_size, len(rows)), seed)
     device = head.device
     losses = []
     head.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = lr * max(scale, 0.05)
+        set_lr(opt, lr_at(step, optim, steps))
         loss = head.loss(_to(head.collate([rows[i] for i in next(batches)]), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_grad_norm(params, optim)
         opt.step()
         losses.append(loss.item())
     head.eval()

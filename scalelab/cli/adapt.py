@@ -1,6 +1,6 @@
 """``scalelab embed RUN_DIR --text ...``: sentence embeddings from a run's model.
 
-Registered from scalelab/cli.py STAGE_COMMAND_MODULES; imports nothing heavy at top level.
+Registered from scalelab/cli/main.py STAGE_COMMAND_MODULES; imports nothing heavy at top level.
 """
 
 from __future__ import annotations
@@ -39,25 +39,21 @@ def _cmd_embed(args) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".npy", ".jsonl"):
         raise ScalelabError(f"--out must end in .npy or .jsonl, got {out.name}")
-    run = Path(args.run_dir)
-    if not run.is_dir():
-        raise ScalelabError(f"run folder not found: {run}")
-    if not (run / "tokenizer").is_dir():
-        raise ScalelabError(f"{run} is not a run folder (it has no tokenizer/)")
-    texts = _read_texts(args)
-
+    # deferred: torch and the model code are slow to import; `scalelab --help` should not pay for them
     import json
 
     import numpy as np
     import torch
 
     from scalelab.adapt.embed import embed_texts
-    from scalelab.tokenizer import load_tokenizer
-    from scalelab.train import checkpoint as ckpt
+    from scalelab.run import Run
 
+    run = Run.open(args.run_dir)
+    tokenizer = run.tokenizer
+    texts = _read_texts(args)
     torch.manual_seed(0)
-    model = ckpt.load_model(run, "cpu")
-    emb = embed_texts(model, load_tokenizer(run / "tokenizer"), texts, pool=args.pool,
+    model = run.load_model("cpu")
+    emb = embed_texts(model, tokenizer, texts, pool=args.pool,
                       normalize=not args.no_normalize, layer=args.layer)
     arr = emb.numpy().astype(np.float32)
     if out is not None:

@@ -42,9 +42,10 @@ def _run(args) -> None:
     if not args.run_dir:
         raise ScalelabError("eval needs a RUN_DIR (or --list-tasks)")
     if args.tasks is None and not args.probes:
-        from scalelab.pipeline import evaluate, load_run_config
+        from scalelab.pipeline import evaluate
+        from scalelab.run import Run
 
-        cfg = load_run_config(args.run_dir, args.overrides)
+        cfg = Run.open(args.run_dir, args.overrides).cfg
         print_eval(evaluate(args.run_dir, cfg))
         return
     run_harness(args)

@@ -19,7 +19,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML recipe (see configs/); defaults apply to keys it leaves out")
     p.add_argument(
         "--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+        help="override one config key, e.g. --set train.optim.lr=3e-4 (repeatable)",
     )
 
 
@@ -99,7 +99,8 @@ def _cmd_pretrain(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    from scalelab.pipeline import load_run_config, sample
+    from scalelab.pipeline import sample
+    from scalelab.run import Run
 
     overrides = []
     for flag, key in (("num_samples", "num_samples"), ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"),
@@ -109,7 +110,7 @@ def _cmd_sample(args) -> None:
             overrides.append(f"sample.{key}={value}")
     if args.stop:
         overrides.append("sample.stop=" + json.dumps(args.stop))
-    cfg = load_run_config(args.run_dir, overrides)
+    cfg = Run.open(args.run_dir, overrides).cfg
     for s in sample(args.run_dir, cfg, prompt=args.prompt):
         print(f"--- sample ---\n{s['prompt']}{s['completion']}")
 

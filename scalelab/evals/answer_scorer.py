@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scalelab.config import OptimConfig
 from scalelab.data.world import CITIES, EMPLOYERS, MAJORS, MONTHS, UNIVERSITIES
+from scalelab.train.optim import build_optimizer
 
 LABELS = ("agree", "abstain", "disagree")
 N_BUCKETS = 4096
@@ -114,7 +116,9 @@ def train_scorer(steps: int = 400, batch_size: int = 128, lr: float = 3e-3, seed
     torch.manual_seed(seed)
     model = AnswerScorer()
     data = generate_pairs(n_pairs, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # a constant rate, no decay, and torch's default betas: the judge's recipe since it was first measured
+    opt = build_optimizer(model, OptimConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                             beta1=0.9, beta2=0.999, grad_clip=0.0))
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
     for _ in range(steps):

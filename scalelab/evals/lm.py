@@ -18,11 +18,10 @@ import torch
 
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
-from scalelab.infer.export_hf import find_run_tokenizer
 from scalelab.infer.sample import SamplingParams
 from scalelab.infer.sample import generate as sample_generate
+from scalelab.run import WORLD_FILE, Run
 from scalelab.tokenizer import load_tokenizer
-from scalelab.train.checkpoint import load_model
 
 
 class ScorableLM:
@@ -159,7 +158,6 @@ class HFLM(ScorableLM):
             self.bos_id = self.tokenizer.bos_token_id
         elif (folder / "tokenizer" / "tokenizer_meta.json").is_file():
             # an export made with --no-tokenizer (byte/char tokenizers), with the run's tokenizer copied beside it
-
             self.tokenizer = load_tokenizer(folder / "tokenizer")
             self._hf_tokenizer = False
             self.bos_id = self.tokenizer.bos_id
@@ -194,17 +192,13 @@ def load_lm(path: str | Path, device: str = "cpu") -> ScorableLM:
     if is_hf_folder(p):
         return HFLM(p, name=p.name)
 
-    model = load_model(p, device)
-    tok_dir = find_run_tokenizer(p)
-    if tok_dir is None:
-        raise ScalelabError(f"no tokenizer found for {p} (looked for tokenizer/)")
-    return ScalelabLM(model, load_tokenizer(tok_dir), name=p.name)
+    run = Run.open(p)
+    return ScalelabLM(run.load_model(device), run.tokenizer, name=p.name)
 
 
 def find_world(path: str | Path):
     """The synthetic world a run was trained on, or None (``scalelab export`` copies world.json along)."""
     p = Path(path)
-    for cand in (p / "world.json", p.parent.parent / "world.json"):
-        if cand.is_file():
-            return World.load(cand)
-    return None
+    if is_hf_folder(p):
+        return World.load(p / WORLD_FILE) if (p / WORLD_FILE).is_file() else None
+    return Run.open(p).world

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import load_config_with_section
+from scalelab.config import GRPOConfig, load_config_with_section
 from scalelab.data.world import render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals.answer_scorer import LABELS, train_scorer
@@ -41,6 +41,7 @@ from scalelab.posttrain import common
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.grpo import GRPOTrainer
 from scalelab.posttrain.sft import sft_loss
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
@@ -235,9 +236,9 @@ def sft(base, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_p
         p, y = qa_prompt(tok, r["question"]), qa_reply(tok, r["reply"])
         rows.append((p + y, [0] * len(p) + [1] * len(y)))
     ids, mask = pad_rows(rows, max(len(r[0]) for r in rows), tok.bos_id)
-    tcfg = replace(train_cfg, steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.sft_lr,
-                   warmup_steps=a.sft_warmup_steps, grad_accum=1)
-    opt = build_optimizer(model, tcfg)
+    tcfg = replace(train_cfg, steps=a.sft_steps, batch_size=a.sft_batch_size, grad_accum=1,
+                   optim=replace(train_cfg.optim, lr=a.sft_lr, warmup_steps=a.sft_warmup_steps))
+    opt = build_optimizer(model, tcfg.optim)
     batches = common.epoch_batches(len(ids), min(tcfg.batch_size, len(ids)), seed)
     device = next(model.parameters()).device
 
@@ -299,7 +300,8 @@ def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float
         return value[verdict]
 
     policy = copy.deepcopy(init_model)
-    trainer = GRPOTrainer(policy, TOK[0], reward, group_size=a.group_size, lr=a.rl_lr, kl_coef=a.kl_coef, clip=a.clip,
+    trainer = GRPOTrainer(policy, TOK[0], reward, group_size=a.group_size,
+                          optim=replace(GRPOConfig().optim, lr=a.rl_lr), kl_coef=a.kl_coef, clip=a.clip,
                           max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           minibatch_size=max(1, a.rl_prompts * a.group_size // 2), seed=seed, stop_strings=("\n",),
                           scale_advantages=a.scale_advantages, dynamic_sampling=a.dynamic_sampling,
@@ -350,10 +352,11 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     seed_everything(seed)
     base_dir = Path(a.base_run) if a.base_run else _pretrain(cfg, out)
     timings["pretrain"] = time.perf_counter() - t0
-    init = common.load_init(base_dir, resolve_device(cfg.run.device))
+    init = Run.open(base_dir)
+    init_model = init.load_model(resolve_device(cfg.run.device))
     if init.world is None or not init.world.unknown_people:
         raise ScalelabError(f"{base_dir} was not trained on a world with unknown people (data.world.unknown_fraction > 0)")
-    world, base = init.world, init.model.eval()
+    world, base = init.world, init_model.eval()
     TOK[0] = init.tokenizer
     groups = split_people(world, a.sft_fraction, a.rl_fraction, seed, unknown_shares(a))
     ev = {g: qa_items(world, groups[f"eval_{g}"]) for g in ("known", "unknown")}

@@ -34,6 +34,7 @@ from scalelab.errors import ScalelabError
 from scalelab.evals.plots import save_figure
 from scalelab.experiments.base_run import ensure_base, open_study_folder
 from scalelab.posttrain import common
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 
 TASKS = ("attribute", "sentiment")
@@ -193,10 +194,11 @@ def run_adaptation(cfg, a: AdaptationConfig, overwrite: bool = False, log=print)
     t0 = time.perf_counter()
     base_dir = ensure_base(cfg, out / "base", a.base_run)
     timings = {"pretrain_or_cache": time.perf_counter() - t0}
-    init = common.load_init(base_dir, resolve_device(cfg.run.device))
+    init = Run.open(base_dir)
+    init_model = init.load_model(resolve_device(cfg.run.device))
     if init.world is None:
         raise ScalelabError(f"{base_dir} was not trained on the synthetic world (data.source = 'world')")
-    world, base, tok = init.world, init.model.eval(), init.tokenizer
+    world, base, tok = init.world, init_model.eval(), init.tokenizer
     for p in base.parameters():
         p.requires_grad_(False)
     split = data.split_people(world, a.test_fraction, seed)

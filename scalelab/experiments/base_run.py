@@ -15,6 +15,7 @@ from pathlib import Path
 from scalelab.config import Config
 from scalelab.errors import ScalelabError
 from scalelab.pipeline import pretrain
+from scalelab.run import CHECKPOINTS_DIR, Run
 from scalelab.train import checkpoint as ckpt
 
 FINGERPRINT = "base_recipe.json"
@@ -28,14 +29,14 @@ def _recipe(cfg: Config) -> dict:
 def ensure_base(cfg: Config, folder: str | Path, given: str = "") -> Path:
     """The run to post-train from: ``given`` if set, else a cached pretraining run in ``folder``."""
     if given:
-        run = Path(given)
-        if ckpt.latest_checkpoint(run / "checkpoints") is None or not (run / "world.json").is_file():
-            raise ScalelabError(f"base run {run} has no checkpoint or no world.json; pretrain it on the world first")
-        return run
+        run = Run.open(given)
+        if run.latest_checkpoint() is None or run.world is None:
+            raise ScalelabError(f"base run {run.path} has no checkpoint or no world.json; pretrain it on the world first")
+        return run.path
     run = Path(folder)
     stamp = run / FINGERPRINT
     recipe = _recipe(cfg)
-    if stamp.is_file() and json.loads(stamp.read_text()) == recipe and ckpt.latest_checkpoint(run / "checkpoints"):
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe and ckpt.latest_checkpoint(run / CHECKPOINTS_DIR):
         return run
     if cfg.data.source != "world":
         raise ScalelabError("post-training studies need the synthetic world: set data.source = 'world'")

@@ -42,9 +42,10 @@ from scalelab.errors import ScalelabError
 from scalelab.evals.metrics import brier_score, digit_credit, normalized_edit_distance
 from scalelab.evals.tasks import normalize_answer
 from scalelab.infer.sample import SamplingParams, generate
+from scalelab.run import CHECKPOINTS_DIR, Run, is_run_folder
 from scalelab.scaling.sweep import read_results
 from scalelab.tokenizer import load_tokenizer
-from scalelab.train.checkpoint import latest_checkpoint, load_model
+from scalelab.train.checkpoint import latest_checkpoint
 
 METRICS = ("exact_match", "logprob_per_token", "answer_prob", "edit_distance", "digit_credit", "brier")
 CONTINUOUS = METRICS[1:]
@@ -58,6 +59,8 @@ TASK_VARIANTS = {
     "multiplication": [("multiplication_2d", {"digits": 2})],
     "world_qa": [("world_qa", {})],
 }
+
+
 def _pair_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     return [tokenizer.bos_id] + tokenizer.encode(prompt), tokenizer.encode(" " + answer)
 
@@ -153,10 +156,9 @@ def _task_examples(task_key: str, params: dict, n: int, seed: int):
 
 def _world_examples(run_dir: Path, n: int, seed: int, cache: dict):
     """QA the run saw in pretraining (a small model can only be asked to recall, not to generalise)."""
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
+    if not is_run_folder(run_dir):
         return None
-    cfg = load_config(cfg_path)
+    cfg = Run.open(run_dir).cfg
     if cfg.data.source != "world":
         return None
     key = json.dumps(cfg.data.world.__dict__, sort_keys=True, default=str)
@@ -186,7 +188,7 @@ def evaluate_sweep(sweep_dir, tasks=("addition", "multiplication", "world_qa"), 
     if n < 1:
         raise ScalelabError(f"n must be at least 1, got {n}")
     results = read_results(sweep / "results.csv")
-    finished = [r for r in results if latest_checkpoint(sweep / "runs" / r["name"] / "checkpoints") is not None]
+    finished = [r for r in results if latest_checkpoint(sweep / "runs" / r["name"] / CHECKPOINTS_DIR) is not None]
     if not finished:
         raise ScalelabError(f"no finished run with a checkpoint in {sweep} (is results.csv there? run the sweep first)")
     tok_dir = sweep / "shared" / "tokenizer"
@@ -200,7 +202,7 @@ def evaluate_sweep(sweep_dir, tasks=("addition", "multiplication", "world_qa"), 
     rows = []
     for r in sorted(finished, key=lambda r: (r.get("C") or 0.0, r["name"])):
         run_dir = sweep / "runs" / r["name"]
-        model = load_model(run_dir)
+        model = Run.open(run_dir).load_model()
         for label, key, _ in variants:
             examples = _world_examples(run_dir, n, seed, world_cache) if key == "world_qa" else fixed[label]
             if not examples:

@@ -45,7 +45,7 @@ from scalelab.experiments.base_run import open_study_folder
 from scalelab.model import families as fam
 from scalelab.pipeline import prepare
 from scalelab.runtime import seed_everything
-from scalelab.train.optim import build_optimizer, lr_at
+from scalelab.train.optim import build_optimizer, lr_at, set_lr
 from scalelab.train.trainer import write_json
 
 # The world's 25 majors in four groups: the probe's classes (roughly balanced: 10 / 4 / 6 / 5).
@@ -132,26 +132,26 @@ def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, v
     B, T = cfg.train.batch_size, model.config.block_size
     fpt = fam.training_flops_per_token(model, family, T, a.mask_rate)
     steps = max(1, int(budget // (B * T * fpt)))
-    tcfg = replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, max(0, steps - 1)))
-    opt = build_optimizer(model, tcfg)
+    optim = replace(cfg.train.optim, warmup_steps=min(cfg.train.optim.warmup_steps, max(0, steps - 1)))
+    opt = build_optimizer(model, optim)
     loader = TokenLoader(train_tokens, B, T, seed=seed)
     objective = _Objective(family, tokenizer, a.mask_rate, seed)
     model.train()
     t0, losses = time.perf_counter(), []
     with open(log_path, "w", encoding="utf-8") as log:
         for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, tcfg)
+            set_lr(opt, lr_at(step, optim, steps))
             x, y = loader.next_batch()
             loss = objective.loss(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-            if step % max(1, tcfg.log_every) == 0 or step == steps - 1:
-                log.write(json.dumps({"family": family, "step": step, "loss": losses[-1], "lr": lr_at(step, tcfg)}) + "\n")
+            if step % max(1, cfg.train.log_every) == 0 or step == steps - 1:
+                log.write(json.dumps({"family": family, "step": step, "loss": losses[-1],
+                                      "lr": lr_at(step, optim, steps)}) + "\n")
     wall = time.perf_counter() - t0
     model.eval()
     val_objective = _Objective(family, tokenizer, a.mask_rate, seed + 1)
@@ -386,7 +386,7 @@ def run_families(cfg, a: FamiliesConfig, overwrite: bool = False, log=print) -> 
             f"({rec['train_seconds']:.0f}s train, {rec['eval_seconds']:.0f}s eval)")
     result = {
         "families_config": asdict(a), "world": asdict(cfg.data.world), "model": asdict(cfg.model),
-        "train": {"batch_size": B, "block_size": T, "lr": cfg.train.lr, "schedule": cfg.train.schedule},
+        "train": {"batch_size": B, "block_size": T, "lr": cfg.train.optim.lr, "schedule": cfg.train.optim.schedule},
         "flops_budget": budget, "tokenizer_vocab": tok.vocab_size, "mask_id_mlm": tok.vocab_size,
         "continuation": {"windows": int(windows.shape[0]), "context_tokens": P, "scored_tokens_per_window": T - P},
         "probe_classes": list(MAJOR_GROUPS), "families": results, "winners": winners(results),

@@ -29,10 +29,11 @@ from scalelab.errors import ScalelabError
 from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
-from scalelab.posttrain.common import load_init, write_json
+from scalelab.posttrain.common import write_json
 from scalelab.posttrain.data import pad_rows, tokenize_conversations
 from scalelab.posttrain.mixture import FAMILIES, instruction_mixture
 from scalelab.posttrain.sft import run_sft
+from scalelab.run import Run
 from scalelab.runtime import resolve_device
 from scalelab.train import checkpoint as ckpt
 
@@ -161,19 +162,20 @@ def run_flan(cfg, fc: FlanConfig, log=print) -> dict:
     base = ensure_base(cfg, out / "base", fc.base)
     log(f"base: {base} ({time.perf_counter() - t0:.0f}s)")
     device = resolve_device(cfg.run.device)
-    init = load_init(base, device)
+    init = Run.open(base)
+    init_model = init.load_model(device)
     records = heldout_records(init.world, fc.heldout, fc.eval_per_family, cfg.run.seed)
     sets = family_sets(pool, fc.counts, fc.orders, cfg.run.seed)
     rows = []
     for k, fam_sets in sets.items():
         for fams in fam_sets:
             if k == 0:
-                model, name = init.model, "base"
+                model, name = init_model, "base"
             else:
                 name = "sft_" + "+".join(fams)
                 sft = replace(cfg.sft, data="mixture", n_examples=fc.n_examples, families=list(fams), val_fraction=0.0,
-                              steps=fc.steps, batch_size=fc.batch_size, lr=fc.lr, warmup_steps=fc.warmup_steps,
-                              eval_every=fc.steps)
+                              steps=fc.steps, batch_size=fc.batch_size, eval_every=fc.steps,
+                              optim=replace(cfg.sft.optim, lr=fc.lr, warmup_steps=fc.warmup_steps))
                 scfg = stage_config(cfg, out / name, sft=sft)
                 scfg.run.progress = False
                 if not (out / name / "summary.json").is_file():

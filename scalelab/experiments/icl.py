@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from scalelab.config import load_config_with_section
-from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.evals.harness import TaskContext, get_task, run_eval
 from scalelab.evals.lm import load_lm
 from scalelab.evals.plots import save_figure
 from scalelab.experiments.base_run import ensure_base
+from scalelab.run import Run
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run_icl(cfg, a: ICLConfig, overwrite: bool = False, log=print) -> dict:
         timings[f"base_d{depth}"] = time.perf_counter() - t
         lm = load_lm(base)
         t = time.perf_counter()
-        ctx = TaskContext(world=World.load(base / "world.json"), seed=a.seed, n=a.n)
+        ctx = TaskContext(world=Run.open(base).world, seed=a.seed, n=a.n)
         res = run_eval(lm, list(a.tasks), sorted(set(a.shots)), ctx,
                        progress=lambda s, d=depth: log(f"depth {d}: {s}"))
         timings[f"eval_d{depth}"] = time.perf_counter() - t

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import load_config_with_section
+from scalelab.config import GRPOConfig, load_config_with_section
 from scalelab.errors import ScalelabError
 from scalelab.evals.plots import label_fraction_axes, save_figure
 from scalelab.experiments import reasoning_tools as tools
@@ -251,9 +251,9 @@ def sft_train(init, tokenizer, rows: list, batches: list, r: ReasoningConfig, tr
     """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only); (model, losses)."""
     model = copy.deepcopy(init).train()
     device = next(model.parameters()).device
-    tcfg = replace(train_cfg, steps=len(batches), batch_size=r.sft_batch_size, lr=lr,
-                   warmup_steps=min(r.sft_warmup_steps, max(0, len(batches) - 1)), grad_accum=1)
-    opt = build_optimizer(model, tcfg)
+    tcfg = replace(train_cfg, steps=len(batches), batch_size=r.sft_batch_size, grad_accum=1,
+                   optim=replace(train_cfg.optim, lr=lr, warmup_steps=min(r.sft_warmup_steps, max(0, len(batches) - 1))))
+    opt = build_optimizer(model, tcfg.optim)
 
     def step_fn(step):
         chosen = [rows[i] for i in batches[step]]
@@ -326,7 +326,7 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
                          malformed=r.reward_malformed)
     policy = copy.deepcopy(init)
     options, ignored = _accepted_kwargs(GRPOTrainer, dict(
-        group_size=r.group_size, lr=r.rl_lr, kl_coef=r.kl_coef, clip=r.clip, max_new_tokens=max_new_tokens,
+        group_size=r.group_size, optim=replace(GRPOConfig().optim, lr=r.rl_lr), kl_coef=r.kl_coef, clip=r.clip, max_new_tokens=max_new_tokens,
         temperature=r.temperature, loss_norm=r.loss_norm, dynamic_sampling=r.dynamic_sampling, seed=seed,
         minibatch_size=r.rl_prompts * r.group_size, correct_fn=lambda prob, text: verify(prob, text)["correct"]))
     trainer = GRPOTrainer(policy, tokenizer, lambda i, text, prob: reward(prob, text), **options)

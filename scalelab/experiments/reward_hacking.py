@@ -30,13 +30,14 @@ from scalelab.errors import ScalelabError
 from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
-from scalelab.posttrain.common import load_init, write_json
+from scalelab.posttrain.common import write_json
 from scalelab.posttrain.data import split_holdout
 from scalelab.posttrain.dpo import run_dpo
 from scalelab.posttrain.mixture import SHORT_ANSWER_FAMILIES, instruction_mixture
 from scalelab.posttrain.ppo import PPOTrainer, RewardModelScorer
 from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model, run_rm
 from scalelab.posttrain.sft import run_sft
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.train import checkpoint as ckpt
 
@@ -174,18 +175,20 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, log=print) -> dict:
         return json.loads((out / name / "summary.json").read_text())
 
     sft_sum = stage("sft", run_sft, sft=replace(cfg.sft, data="mixture", n_examples=rc.sft_examples, families=families,
-                                                  steps=rc.sft_steps, batch_size=rc.batch_size, lr=rc.sft_lr,
-                                                  warmup_steps=10, eval_every=rc.sft_steps))
-    pref = dict(data="generated", n_pairs=rc.pairs, bias="longer", batch_size=rc.batch_size, warmup_steps=10)
-    rm_sum = stage("rm", run_rm, rm=replace(cfg.rm, steps=rc.rm_steps, lr=rc.rm_lr, eval_every=rc.rm_steps, **pref))
-    dpo_sum = stage("dpo", run_dpo, dpo=replace(cfg.dpo, steps=rc.dpo_steps, lr=rc.dpo_lr, beta=rc.dpo_beta,
-                                                eval_every=rc.dpo_steps, **pref))
+                                                  steps=rc.sft_steps, batch_size=rc.batch_size, eval_every=rc.sft_steps,
+                                                  optim=replace(cfg.sft.optim, lr=rc.sft_lr, warmup_steps=10)))
+    pref = dict(data="generated", n_pairs=rc.pairs, bias="longer", batch_size=rc.batch_size)
+    rm_sum = stage("rm", run_rm, rm=replace(cfg.rm, steps=rc.rm_steps, eval_every=rc.rm_steps, **pref,
+                                            optim=replace(cfg.rm.optim, lr=rc.rm_lr, warmup_steps=10)))
+    dpo_sum = stage("dpo", run_dpo, dpo=replace(cfg.dpo, steps=rc.dpo_steps, beta=rc.dpo_beta, eval_every=rc.dpo_steps,
+                                                **pref, optim=replace(cfg.dpo.optim, lr=rc.dpo_lr, warmup_steps=10)))
 
-    init = load_init(out / "sft", device)
+    init = Run.open(out / "sft")
+    init_model = init.load_model(device)
     tok, world = init.tokenizer, init.world
     rm, _ = load_reward_model(out / "rm", device)
     scorer = RewardModelScorer(rm, tok.token_id("<|assistant_end|>"), tok.bos_id, device)
-    ctx = init.model.config.block_size
+    ctx = init_model.config.block_size
     prompts = [r for r in instruction_mixture(world, 2000, seed=cfg.run.seed + 31337, families=families)
                if len(prompt_ids(tok, r["messages"][:-1])) <= ctx - rc.max_new_tokens - 1]
     train_recs, eval_recs = split_holdout(prompts, 0.1, cfg.run.seed)
@@ -193,17 +196,21 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, log=print) -> dict:
     if len(train_recs) < rc.rollout_batch or not eval_recs:
         raise ScalelabError("too few prompts fit the model's context; raise model.block_size or lower max_new_tokens")
 
-    curves, policies = {}, {"sft": init.model, "dpo": ckpt.load_model(out / "dpo", device)}
+    curves, policies = {}, {"sft": init_model, "dpo": ckpt.load_model(out / "dpo", device)}
     for cond in rc.conditions:
         seed_everything(cfg.run.seed)
         policy = ckpt.load_model(out / "sft", device)
         ppo = replace(cfg.ppo, iterations=rc.iterations, rollout_batch=rc.rollout_batch,
-                      minibatch_size=rc.minibatch_size, epochs=1, max_new_tokens=rc.max_new_tokens, lr=rc.ppo_lr,
-                      critic_lr=rc.critic_lr, kl_coef=0.0 if cond == "no_kl" else rc.kl_coef, adaptive_kl=False,
+                      minibatch_size=rc.minibatch_size, epochs=1, max_new_tokens=rc.max_new_tokens,
+                      # the study's rates, no weight decay, and the pretraining run's clip
+                      optim=replace(cfg.ppo.optim, lr=rc.ppo_lr, weight_decay=0.0, grad_clip=cfg.train.optim.grad_clip),
+                      critic_optim=replace(cfg.ppo.critic_optim, lr=rc.critic_lr, weight_decay=0.0,
+                                           grad_clip=cfg.train.optim.grad_clip),
+                      kl_coef=0.0 if cond == "no_kl" else rc.kl_coef, adaptive_kl=False,
                       missing_eos_penalty=rc.missing_eos_penalty, temperature=1.0)
         reward = ShapedReward(scorer, rc.length_penalty if cond == "kl_length" else 0.0)
         critic = ScalarHeadModel(copy.deepcopy(policy)).to(device).train()
-        trainer = PPOTrainer(policy, critic, tok, ppo, reward, device, cfg.run.seed, cfg.train.grad_clip, 0.0)
+        trainer = PPOTrainer(policy, critic, tok, ppo, reward, device, cfg.run.seed)
         rng = random.Random(f"reward-hacking-{cfg.run.seed}")  # the same prompt stream for every condition
         hist, t = [], time.perf_counter()
         for it in range(rc.iterations):

@@ -31,9 +31,8 @@ from safetensors.torch import save_file
 
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
-from scalelab.tokenizer import load_tokenizer
+from scalelab.run import WORLD_FILE, Run
 from scalelab.tokenizer.tokenizers import SPECIAL_TOKENS, Tokenizer
-from scalelab.train.checkpoint import load_model
 
 # GPTConfig fields this mapping understands. A field added to GPTConfig later (a softcap, a bias,
 # a new norm) is refused until someone checks how it maps, instead of silently exporting a
@@ -177,37 +176,24 @@ def export_hf(
     return out
 
 
-def find_run_tokenizer(path: Path) -> Path | None:
-    """The tokenizer folder of a run folder, or of the run holding a checkpoint folder."""
-    for cand in (path / "tokenizer", path.parent.parent / "tokenizer"):
-        if (cand / "tokenizer_meta.json").is_file():
-            return cand
-    return None
-
-
 def export_run(
     run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", with_tokenizer: bool = True,
     overwrite: bool = False,
 ) -> Path:
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ScalelabError(f"run folder not found: {run}")
-    model = load_model(run, "cpu")
+    run = Run.open(run_dir)
+    model = run.load_model("cpu")
     tokenizer = None
     if with_tokenizer:
-        tok_dir = find_run_tokenizer(run)
-        if tok_dir is None:
-            raise ScalelabError(f"no tokenizer found for {run} (looked for tokenizer/); pass --no-tokenizer to skip it")
-        tokenizer = load_tokenizer(tok_dir)
+        if not run.tokenizer_dir.is_dir():
+            raise ScalelabError(f"no tokenizer found for {run.path} (looked for tokenizer/); "
+                                "pass --no-tokenizer to skip it")
+        tokenizer = run.tokenizer
         if tokenizer.vocab_size != model.config.vocab_size:
-            raise ScalelabError(
-                f"tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}"
-            )
+            raise ScalelabError(f"tokenizer in {run.tokenizer_dir} has {tokenizer.vocab_size} tokens but the model "
+                                f"expects {model.config.vocab_size}")
     folder = export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)
     # The synthetic world travels along so `scalelab eval` can run the world tasks on the export too.
-    for cand in (run / "world.json", run.parent.parent / "world.json"):
-        if cand.is_file():
-            shutil.copy2(cand, Path(folder) / "world.json")
-            break
+    if run.world_file.is_file():
+        shutil.copy2(run.world_file, Path(folder) / WORLD_FILE)
     return folder

@@ -1,12 +1,14 @@
-"""What every post-training stage shares: the starting run, the output run folder, the step loop."""
+"""What every post-training stage shares: checkpoints, log-probabilities, batches and the step loop.
+
+The starting run and the stage's own run folder are scalelab.run.Run objects (Run.open, Run.create).
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,80 +16,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from scalelab.config import Config, TrainConfig, load_config, to_toml
-from scalelab.data.world import World
+from scalelab.config import TrainConfig
 from scalelab.errors import ScalelabError
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.chat import chat_stop_ids, prompt_ids
 from scalelab.posttrain.mixture import exact_match_reward
+from scalelab.run import CHECKPOINTS_DIR
 from scalelab.runtime import autocast_context
-from scalelab.tokenizer import load_tokenizer
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import lr_at
-
-CONFIG_FILE = "config.toml"
-
-
-@dataclass
-class InitRun:
-    path: Path
-    cfg: Config  # the starting run's own config
-    model: GPT
-    tokenizer: object
-    world: World | None  # None when the run was not trained on the synthetic world
-
-
-def load_init(path: str | Path, device) -> InitRun:
-    """A finished run (pretraining or an earlier post-training stage) to start from."""
-    run = Path(path)
-    if not (run / CONFIG_FILE).is_file() or not (run / "tokenizer").is_dir():
-        raise ScalelabError(f"--init {run} is not a run folder (it needs {CONFIG_FILE}, tokenizer/ and checkpoints/)")
-    cfg = load_config(run / CONFIG_FILE)
-    world = World.load(run / "world.json") if (run / "world.json").is_file() else None
-    return InitRun(run, cfg, ckpt.load_model(run, device), load_tokenizer(run / "tokenizer"), world)
+from scalelab.train.optim import clip_grad_norm, lr_at, set_lr
 
 
 def stage_train_config(train: TrainConfig, section) -> TrainConfig:
-    """The [train] optimizer settings with this stage's own steps, batch size, learning rate and warmup."""
-    return replace(train, steps=section.steps, batch_size=section.batch_size, lr=section.lr,
-                   warmup_steps=section.warmup_steps, grad_accum=1)
-
-
-def start_run(cfg: Config, init: InitRun, stage: str, overwrite: bool = False) -> Path:
-    """Create the stage's run folder: the starting run's tokenizer, world and model config, and our config.
-
-    The folder is a complete run, so ``scalelab sample`` and the server load it like a pretraining run.
-    """
-    out = Path(cfg.run.out_dir)
-    if out.resolve() == init.path.resolve():
-        raise ScalelabError(f"run.out_dir {out} is the --init run itself; give the {stage} run its own folder")
-    if ckpt.latest_checkpoint(out / "checkpoints") is not None:
-        if not overwrite:
-            raise ScalelabError(f"run folder {out} already holds a checkpoint; pass --overwrite to start again")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # The token shards come along (small) so `scalelab eval` can measure what tuning cost on pretraining text.
-    for name in ("tokenizer", "data"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        if (init.path / name).is_dir():
-            shutil.copytree(init.path / name, out / name)
-    if (init.path / "world.json").is_file():
-        shutil.copy2(init.path / "world.json", out / "world.json")
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    # The model and its data come from the starting run; the stage's own sections come from the user.
-    cfg.model = replace(init.model.config)
-    cfg.data, cfg.tokenizer = init.cfg.data, init.cfg.tokenizer
-    (out / CONFIG_FILE).write_text(to_toml(cfg))
-    (out / "stage.json").write_text(json.dumps({"stage": stage, "init": str(init.path)}, indent=2) + "\n")
-    return out
+    """The loop settings of [train] (log_every, dtype) with the stage's own steps, batch size and optimizer."""
+    return replace(train, steps=section.steps, batch_size=section.batch_size, optim=section.optim, grad_accum=1)
 
 
 def save(run: Path, model: GPT, optimizer, step: int, stage: str) -> Path:
-    return ckpt.save_checkpoint(run / "checkpoints", model, optimizer, step, {"stage": stage})
+    return ckpt.save_checkpoint(run / CHECKPOINTS_DIR, model, optimizer, step, {"stage": stage})
 
 
 def progress(enabled: bool, total: int, desc: str):
@@ -134,13 +82,12 @@ def run_steps(
     losses, last_eval, start = [], {}, time.perf_counter()
     params = [p for p in params if p.requires_grad]
     for step in range(train.steps):
-        lr = lr_at(step, train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        lr = lr_at(step, train.optim, train.steps)
+        set_lr(optimizer, lr)
         with autocast_context(device, train.dtype):
             loss, stats = step_fn(step)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, train.optim)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())

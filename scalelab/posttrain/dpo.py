@@ -22,6 +22,7 @@ from scalelab.posttrain import common
 from scalelab.posttrain.common import sequence_logprob
 from scalelab.posttrain.data import preference_batch, split_holdout, tokenize_preferences, write_jsonl
 from scalelab.posttrain.reward_model import load_pairs, tokenized_or_fail
+from scalelab.run import Run
 from scalelab.runtime import autocast_context, resolve_device, seed_everything
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
@@ -55,10 +56,11 @@ def run_dpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     """DPO from the --init run (normally SFT) on preference pairs; the --init model is also the reference."""
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
-    init = common.load_init(init_dir, device)
-    run = common.start_run(cfg, init, "dpo", overwrite)
+    init = Run.open(init_dir)
+    init_model = init.load_model(device)
+    run = Run.create(cfg, "dpo", init, overwrite).path
     tok, d = init.tokenizer, cfg.dpo
-    policy = init.model.train()
+    policy = init_model.train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     train_p, val_p = split_holdout(load_pairs(d, init.world, cfg.run.seed), d.val_fraction, cfg.run.seed)
     block = policy.config.block_size
@@ -70,7 +72,7 @@ def run_dpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     with autocast_context(device, tcfg.dtype):
         ref_train = reference_logprobs(reference, train_rows, tok.bos_id, tcfg.batch_size, device)
         ref_val = reference_logprobs(reference, val_rows, tok.bos_id, tcfg.batch_size, device) if val_rows else None
-    optimizer = build_optimizer(policy, tcfg)
+    optimizer = build_optimizer(policy, tcfg.optim)
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="dpo", pairs=len(train_rows), val_pairs=len(val_rows),
                dropped_too_long=dropped, beta=d.beta, params=policy.num_params())

@@ -34,11 +34,13 @@ from typing import Callable
 
 import torch
 
+from scalelab.config import GRPOConfig, OptimConfig
 from scalelab.errors import ScalelabError
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.ppo import kl_estimate, logprobs_and_entropy
+from scalelab.train.optim import build_optimizer
 
 # (prompt index, reply text, extra) -> reward; the extra is whatever the caller attached to the prompt
 # (a task Problem, a QA item...)
@@ -123,9 +125,9 @@ class Group:
 
 
 class GRPOTrainer:
-    def __init__(self, policy: GPT, tokenizer, reward_fn: TextReward, *, group_size: int = 4, lr: float = 1e-5,
-                 kl_coef: float = 0.02, clip: float | None = 0.2, max_new_tokens: int = 16, temperature: float = 1.0,
-                 minibatch_size: int = 32, epochs: int = 1, grad_clip: float = 1.0, seed: int = 0,
+    def __init__(self, policy: GPT, tokenizer, reward_fn: TextReward, *, group_size: int = 4,
+                 optim: OptimConfig | None = None, kl_coef: float = 0.02, clip: float | None = 0.2, max_new_tokens: int = 16, temperature: float = 1.0,
+                 minibatch_size: int = 32, epochs: int = 1, seed: int = 0,
                  reference: GPT | None = None, stop_strings: tuple[str, ...] = (), scale_advantages: bool = True,
                  loss_norm: str = "token", dynamic_sampling: bool = False, max_refill_rounds: int = 0,
                  old_logprobs: str = "recompute", correct_fn: CorrectFn | None = None):
@@ -142,14 +144,15 @@ class GRPOTrainer:
         self.policy, self.tok, self.reward_fn, self.correct_fn = policy, tokenizer, reward_fn, correct_fn
         self.group_size, self.kl_coef, self.clip = group_size, kl_coef, clip or None
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.minibatch_size, self.epochs, self.grad_clip = minibatch_size, epochs, grad_clip
+        self.minibatch_size, self.epochs = minibatch_size, epochs
+        self.optim = optim or GRPOConfig().optim
         self.scale_advantages, self.loss_norm, self.old_logprobs = scale_advantages, loss_norm, old_logprobs
         self.dynamic_sampling, self.max_refill_rounds = dynamic_sampling, max_refill_rounds
         self.device = next(policy.parameters()).device
         self.reference = None
         if kl_coef > 0:
             self.reference = (reference or copy.deepcopy(policy)).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(policy.optimizer_groups(0.0), lr=lr, betas=(0.9, 0.95))
+        self.opt = build_optimizer(policy, self.optim)
         # Chat replies end at <|assistant_end|> (a stop id the engine leaves out, so it is added back for
         # training); with stop_strings (plain-text formats) the stop text's tokens are already in the reply.
         self.stop_strings = tuple(stop_strings)
@@ -277,8 +280,8 @@ class GRPOTrainer:
                 loss, parts = grpo_loss(logp, old_logp[mb], token_adv[mb], m, self.clip, self.loss_norm,
                                         None if ref_logp is None else ref_logp[mb], self.kl_coef)
                 loss.backward()
-                if self.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
+                if self.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.optim.grad_clip)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 for k, v in parts.items():

@@ -18,10 +18,12 @@ from scalelab.evals.plots import plt, save_figure
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.grpo import GRPOTrainer
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, verify
 from scalelab.train.metrics import MetricsLogger, read_metrics
+from scalelab.train.optim import lr_at
 
 
 class ProblemStream:
@@ -95,8 +97,9 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
                          malformed=g.reward_malformed)
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
-    init = common.load_init(init_dir, device)
-    tok, policy = init.tokenizer, init.model
+    init = Run.open(init_dir)
+    init_model = init.load_model(device)
+    tok, policy = init.tokenizer, init_model
     ctx = policy.config.block_size
     cache: dict[str, list[int]] = {}
 
@@ -111,7 +114,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
     held_out = task.generate(g.eval_problems, cfg.run.seed + g.eval_seed_offset, difficulty) if g.eval_problems else []
     stream = ProblemStream(task, cfg.run.seed, difficulty, {p.prompt for p in held_out})
     encode(stream.peek())  # a prompt that cannot fit fails before the run folder exists
-    run = common.start_run(cfg, init, "grpo", overwrite)
+    run = Run.create(cfg, "grpo", init, overwrite).path
 
     def refill(n: int):
         problems = stream.take(n)
@@ -119,9 +122,9 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
 
     batch = g.prompts_per_step * g.group_size
     trainer = GRPOTrainer(policy, tok, lambda i, text, problem: reward(problem, text), group_size=g.group_size,
-                          lr=g.lr, kl_coef=g.kl_coef, clip=g.clip, max_new_tokens=g.max_new_tokens,
+                          optim=g.optim, kl_coef=g.kl_coef, clip=g.clip, max_new_tokens=g.max_new_tokens,
                           temperature=g.temperature, minibatch_size=g.minibatch_size or batch, epochs=g.epochs,
-                          grad_clip=cfg.train.grad_clip, seed=cfg.run.seed, scale_advantages=g.scale_advantages,
+                          seed=cfg.run.seed, scale_advantages=g.scale_advantages,
                           loss_norm=g.loss_norm, dynamic_sampling=g.dynamic_sampling,
                           max_refill_rounds=g.max_refill_rounds, old_logprobs=g.old_logprobs,
                           correct_fn=lambda problem, text: verify(problem, text)["correct"])
@@ -141,7 +144,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
     bar = common.progress(cfg.run.progress, g.steps, "grpo")
     history = []
     for step in range(1, g.steps + 1):
-        lr = g.lr * min(1.0, step / g.warmup) if g.warmup else g.lr
+        lr = lr_at(step - 1, g.optim, g.steps)
         trainer.set_lr(lr)
         problems = stream.take(g.prompts_per_step)
         stats = trainer.step([encode(p) for p in problems], problems, refill=refill if g.dynamic_sampling else None)

@@ -35,8 +35,10 @@ from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.data import pad_rows, split_holdout, write_jsonl
 from scalelab.posttrain.mixture import SHORT_ANSWER_FAMILIES, exact_match_reward, instruction_mixture, people_group
 from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.train.metrics import MetricsLogger
+from scalelab.train.optim import build_optimizer
 
 RewardFn = Callable[[list[int], list[int], str, object], float]
 
@@ -149,16 +151,12 @@ class Rollout:
 
 class PPOTrainer:
     def __init__(self, policy: GPT, critic: ScalarHeadModel, tokenizer, cfg: PPOConfig, reward_fn: RewardFn,
-                 device=None, seed: int = 0, grad_clip: float = 1.0, weight_decay: float = 0.0,
-                 reference: GPT | None = None):
+                 device=None, seed: int = 0, reference: GPT | None = None):
         self.policy, self.critic, self.tok, self.cfg, self.reward_fn = policy, critic, tokenizer, cfg, reward_fn
         self.device = device or next(policy.parameters()).device
         self.reference = (reference or copy.deepcopy(policy)).eval().requires_grad_(False)
-        self.grad_clip = grad_clip
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(policy.optimizer_groups(weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-        self.critic_opt = torch.optim.AdamW(critic.optimizer_groups(weight_decay), lr=cfg.critic_lr, betas=(0.9, 0.95),
-                                            fused=fused)
+        self.opt = build_optimizer(policy, cfg.optim)
+        self.critic_opt = build_optimizer(critic, cfg.critic_optim)
         self.kl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.end_id = tokenizer.token_id("<|assistant_end|>")
         self.iteration, self.seed = 0, seed
@@ -224,9 +222,9 @@ class PPOTrainer:
                 vf = value_loss(values, old_values[mb], returns[mb], m, c.value_clip)
                 loss = pg - c.entropy_coef * ent + c.vf_coef * vf
                 loss.backward()
-                for model, opt in ((self.policy, self.opt), (self.critic, self.critic_opt)):
-                    if self.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+                for model, opt, optim in ((self.policy, self.opt, c.optim), (self.critic, self.critic_opt, c.critic_optim)):
+                    if optim.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
@@ -286,11 +284,12 @@ def run_ppo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     p = cfg.ppo
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
-    init = common.load_init(init_dir, device)
+    init = Run.open(init_dir)
+    init_model = init.load_model(device)
     if init.world is None:
         raise ScalelabError("scalelab ppo draws its prompts from the synthetic world: --init must be a world run")
-    run = common.start_run(cfg, init, "ppo", overwrite)
-    tok, policy = init.tokenizer, init.model
+    run = Run.create(cfg, "ppo", init, overwrite).path
+    tok, policy = init.tokenizer, init_model
     reward_fn = _reward_fn(cfg, tok, device)
     ctx = policy.config.block_size
     mixture = instruction_mixture(init.world, p.n_prompts, cfg.run.seed, p.families or SHORT_ANSWER_FAMILIES,
@@ -307,8 +306,7 @@ def run_ppo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
         critic = copy.deepcopy(load_reward_model(p.reward_model, device)[0])
     else:
         critic = ScalarHeadModel(copy.deepcopy(policy)).to(device)
-    trainer = PPOTrainer(policy, critic.train(), tok, p, reward_fn, device, cfg.run.seed, cfg.train.grad_clip,
-                         cfg.train.weight_decay)
+    trainer = PPOTrainer(policy, critic.train(), tok, p, reward_fn, device, cfg.run.seed)
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="ppo", prompts=len(train_recs), reward=p.reward, params=policy.num_params())
     before = common.chat_exact_match(policy, tok, val_recs[:64], p.max_new_tokens)

@@ -33,8 +33,8 @@ from scalelab.posttrain.data import (
     write_jsonl,
 )
 from scalelab.posttrain.mixture import people_group, preference_pairs
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
-from scalelab.tokenizer import load_tokenizer
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
@@ -84,13 +84,14 @@ class ScalarHeadModel(nn.Module):
 
 def load_reward_model(run_dir: str | Path, device="cpu") -> tuple[ScalarHeadModel, object]:
     """The reward model of an ``scalelab rm`` run folder, and its tokenizer."""
-    run = Path(run_dir)
-    found = ckpt.latest_checkpoint(run / "checkpoints")
+    run = Run.open(run_dir)
+    found = run.latest_checkpoint()
     if found is None or not (found / HEAD_FILE).is_file():
-        raise ScalelabError(f"{run} is not a reward-model run (no checkpoint with {HEAD_FILE}); train one with scalelab rm")
-    model = ScalarHeadModel(ckpt.load_model(found, device))
+        raise ScalelabError(f"{run.path} is not a reward-model run (no checkpoint with {HEAD_FILE}); "
+                            "train one with scalelab rm")
+    model = ScalarHeadModel(run.load_model(device))
     model.head.load_state_dict(ckpt.read_safetensors(found / HEAD_FILE))
-    return model.to(device).eval(), load_tokenizer(run / "tokenizer")
+    return model.to(device).eval(), run.tokenizer
 
 
 def load_pairs(section, world, seed: int) -> list[Preference]:
@@ -139,10 +140,11 @@ def run_rm(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     """Train a reward model from the --init backbone; reports held-out pairwise accuracy."""
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
-    init = common.load_init(init_dir, device)
-    run = common.start_run(cfg, init, "rm", overwrite)
+    init = Run.open(init_dir)
+    init_model = init.load_model(device)
+    run = Run.create(cfg, "rm", init, overwrite).path
     tok, r = init.tokenizer, cfg.rm
-    model = ScalarHeadModel(init.model).to(device).train()
+    model = ScalarHeadModel(init_model).to(device).train()
     train_p, val_p = split_holdout(load_pairs(r, init.world, cfg.run.seed), r.val_fraction, cfg.run.seed)
     block = model.config.block_size
     train_rows, dropped = tokenized_or_fail(tok, train_p, block, "training")
@@ -154,7 +156,7 @@ def run_rm(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
             val_metas.append(p.meta)
     write_jsonl(run / "rm_val.jsonl", [p.to_json() for p in val_p])
     tcfg = common.stage_train_config(cfg.train, r)
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = build_optimizer(model, tcfg.optim)
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="rm", pairs=len(train_rows), val_pairs=len(val_rows),
                dropped_too_long=dropped, params=model.backbone.num_params())

@@ -12,10 +12,17 @@ from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.posttrain import common
 from scalelab.posttrain.data import (
-    load_conversations, load_hf_conversations, masked_targets, pack, pad_rows, split_holdout, tokenize_conversations,
+    load_conversations,
+    load_hf_conversations,
+    masked_targets,
+    pack,
+    pad_rows,
+    split_holdout,
+    tokenize_conversations,
     write_jsonl,
 )
 from scalelab.posttrain.mixture import instruction_mixture, people_group
+from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
@@ -70,9 +77,10 @@ def run_sft(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     """Fine-tune the --init run on chat data; writes a run folder with checkpoints, metrics and summary."""
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
-    init = common.load_init(init_dir, device)
-    run = common.start_run(cfg, init, "sft", overwrite)
-    model, tok = init.model.train(), init.tokenizer
+    init = Run.open(init_dir)
+    init_model = init.load_model(device)
+    run = Run.create(cfg, "sft", init, overwrite).path
+    model, tok = init_model.train(), init.tokenizer
     records = load_sft_records(cfg, init.world)
     train_recs, val_recs = split_holdout(records, cfg.sft.val_fraction, cfg.run.seed)
     block = model.config.block_size
@@ -80,7 +88,7 @@ def run_sft(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     val = build_blocks(tok, val_recs, block, cfg.sft.pack, cfg.run.seed)[0] if val_recs else None
     write_jsonl(run / "sft_val.jsonl", val_recs)
     tcfg = common.stage_train_config(cfg.train, cfg.sft)
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = build_optimizer(model, tcfg.optim)
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="sft", conversations=len(train_recs), blocks=len(train_ids),
                dropped_too_long=dropped, trained_tokens=int(train_mask[:, 1:].sum()), params=model.num_params())

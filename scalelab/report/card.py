@@ -23,6 +23,7 @@ from scalelab.evals.plots import plt, save_figure
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.report.blocks import STAGE_TITLES, Card, Code, Figure, Notes, RunInfo, Section, Table
 from scalelab.report.html import render_html
+from scalelab.run import CONFIG_FILE
 from scalelab.train.metrics import read_metrics
 
 CARD_NAME = "report_card"
@@ -194,7 +195,7 @@ def collect_run(path: str | Path, name: str | None = None) -> RunInfo:
     if stage is None:
         raise ScalelabError(f"{run} is not a run folder (no metrics.jsonl, summary.json, results.csv or plots in it)")
     info = RunInfo(run, name or run.resolve().name, stage, records=records)
-    config_path = run / "config.toml"
+    config_path = run / CONFIG_FILE
     config_table = {}
     if config_path.is_file():
         info.config_text = config_path.read_text(encoding="utf-8")
@@ -369,7 +370,7 @@ def build_card(runs: list[RunInfo], out_dir: Path, title: str) -> Card:
 
 
 def _config_name(r: RunInfo) -> str:
-    return "config.toml" if (r.path / "config.toml").is_file() else "sweep.toml"
+    return CONFIG_FILE if (r.path / CONFIG_FILE).is_file() else "sweep.toml"
 
 
 def _md_table(t: Table) -> list[str]:

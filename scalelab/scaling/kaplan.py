@@ -22,8 +22,14 @@ from scipy.optimize import minimize
 
 from scalelab.errors import ScalelabError
 from scalelab.scaling.fit import (
-    _check_chinchilla_grid, _numeric, _one_blas_thread, as_columns, bootstrap_weights, constants_table,
-    fit_quality, percentile_ci,
+    _check_chinchilla_grid,
+    _numeric,
+    _one_blas_thread,
+    as_columns,
+    bootstrap_weights,
+    constants_table,
+    fit_quality,
+    percentile_ci,
 )
 
 KAPLAN_PARAMS = ("E", "N_c", "D_c", "alpha_N", "alpha_D")

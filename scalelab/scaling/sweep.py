@@ -27,6 +27,7 @@ from scalelab.data import subtask_tags
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.pipeline import PreparedData, prepare
+from scalelab.run import Run
 from scalelab.runtime import resolve_device
 from scalelab.scaling import fit_chinchilla, fit_isoflop, fit_power_law_frontier, summarize
 from scalelab.scaling.kaplan import fit_kaplan
@@ -145,14 +146,14 @@ def train_one(cfg: Config, spec: RunSpec, data: PreparedData, run_dir: Path) -> 
     steps = max(1, round(spec.tokens / _tokens_per_step(cfg)))
     t = run_cfg.train
     t.steps = steps
-    t.warmup_steps = min(t.warmup_steps, max(1, steps // 5))
+    t.optim.warmup_steps = min(t.optim.warmup_steps, max(1, steps // 5))
     t.eval_every = max(1, steps // 4)
     t.ckpt_every = 0
     run_cfg.run.out_dir, run_cfg.run.progress = str(run_dir), False
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a folder without a results row is a crashed run: redo it whole
     run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(to_toml(run_cfg))
+    Run(run_dir, run_cfg).write_config()
     bpt = data.shards.bytes_per_token("val")
     tags = subtask_tags.load_tags(data.shards.dir, len(data.val_tokens))
     trainer = Trainer(run_cfg, run_dir, data.train_tokens, data.val_tokens, bpt, val_subtasks=tags)

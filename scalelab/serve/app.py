@@ -30,7 +30,7 @@ from scalelab.infer.chat import chat_stop_ids, render_chat
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
-from scalelab.pipeline import load_run_config
+from scalelab.run import Run
 from scalelab.runtime import resolve_device
 from scalelab.serve.memory import MemoryStore, build_memory_router
 from scalelab.serve.protocol import (
@@ -42,8 +42,6 @@ from scalelab.serve.protocol import (
     parse_messages,
     parse_sampling,
 )
-from scalelab.tokenizer import load_tokenizer
-from scalelab.train import checkpoint as ckpt
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
@@ -53,13 +51,9 @@ DEFAULT_MAX_TOOL_CALLS = 4
 
 def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = None, compile: bool = False) -> Engine:
     """An engine over a run folder's latest checkpoint and its tokenizer."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ScalelabError(f"run folder not found: {run}")
-    cfg = load_run_config(run)
-    dev = resolve_device(device or cfg.run.device)
-    return Engine(ckpt.load_model(run, dev), load_tokenizer(run / "tokenizer"), device=dev, max_batch=max_batch,
-                  compile=compile)
+    run = Run.open(run_dir)
+    dev = resolve_device(device or run.cfg.run.device)
+    return Engine(run.load_model(dev), run.tokenizer, device=dev, max_batch=max_batch, compile=compile)
 
 
 class _Guard:

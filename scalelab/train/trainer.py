@@ -141,7 +141,7 @@ class Trainer:
         self.step = 0
         # FSDP2 and TP replace parameters with DTensors in place: the optimizer must see the new ones.
         self.train_model = self.parallel.apply(self.model)
-        self.optimizer = build_optimizer(self.model, t)
+        self.optimizer = build_optimizer(self.model, t.optim)
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         self.guard = SpikeGuard(t.spike_window, t.spike_threshold, t.spike_warmup) if t.spike_guard else None
@@ -193,7 +193,7 @@ class Trainer:
         if self.rollbacks >= t.spike_max_rollbacks:
             raise ScalelabError(
                 f"loss spike at step {spike_step} ({reason}) after {self.rollbacks} rollbacks "
-                f"(train.spike_max_rollbacks); lower train.lr or check the data"
+                f"(train.spike_max_rollbacks); lower train.optim.lr or check the data"
             )
         latest_allowed = spike_step - t.spike_rollback_steps
         # Rank 0 picks, so every rank restores the same checkpoint even if a listing races a write.
@@ -232,7 +232,7 @@ class Trainer:
 
     def train_step(self) -> float:
         t = self.cfg.train
-        lr = lr_at(self.step, t)
+        lr = lr_at(self.step, t.optim, t.steps)
         if self.fault:
             lr *= self.fault.lr_factor(self.step + 1)
         for group in self.optimizer.param_groups:
@@ -252,8 +252,8 @@ class Trainer:
                 loss = self.train_model(mx.to(self.device, non_blocking=True), my.to(self.device, non_blocking=True))
                 (loss / t.grad_accum).backward()
             loss_total += loss.detach().float().cpu() / t.grad_accum
-        if t.grad_clip > 0:
-            self.parallel.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        if t.optim.grad_clip > 0:
+            self.parallel.clip_grad_norm_(self.model.parameters(), t.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -295,12 +295,12 @@ class Trainer:
                         bar.refresh()
                     continue
             if not math.isfinite(loss):
-                raise ScalelabError(f"training loss became {loss} at step {self.step}; lower train.lr or check the data")
+                raise ScalelabError(f"training loss became {loss} at step {self.step}; lower train.optim.lr or check the data")
             result.losses.append(loss)
             now = time.perf_counter()
             if logger and (self.step % t.log_every == 0 or self.step == end):
                 logger.log(
-                    kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t),
+                    kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t.optim, t.steps),
                     tokens=self.step * tokens_per_step, tok_per_s=tokens_per_step / max(now - last_time, 1e-9),
                     elapsed=now - start_time,
                 )
