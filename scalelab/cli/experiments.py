@@ -9,7 +9,7 @@ building the CLI parser stays cheap. A study's own knobs live in its own TOML se
 from __future__ import annotations
 
 ACTIONS: dict[str, tuple[str, str]] = {
-    # name: (module with run_cli(args), help)
+    # name: (module holding the study's STUDY, help)
     "abstain": ("scalelab.experiments.abstain",
                 "abstention: known vs unknown people, SFT with/without 'I don't know', RL with an abstain reward"),
     "flan": ("scalelab.experiments.flan",
@@ -38,6 +38,11 @@ def register(sub, add_config_args) -> dict:
 
 
 def _run(args) -> None:
+    # deferred: a study imports torch and its stages; `scalelab --help` should not pay for them
     import importlib
 
-    importlib.import_module(ACTIONS[args.action][0]).run_cli(args)
+    module = importlib.import_module(ACTIONS[args.action][0])
+    if args.action == "emergence":  # a study over an existing sweep's runs: it takes the sweep's config and --n
+        module.run_cli(args)
+    else:
+        module.STUDY.main(args.config, args.overrides, overwrite=args.overwrite)

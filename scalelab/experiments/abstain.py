@@ -30,11 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import GRPOConfig, load_config_with_section
+from scalelab.config import GRPOConfig
 from scalelab.data.world import render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals.answer_scorer import LABELS, train_scorer
+from scalelab.evals.plots import plt
 from scalelab.experiments.base_run import open_study_folder
+from scalelab.experiments.study import Study
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.pipeline import pretrain
 from scalelab.posttrain import common
@@ -227,10 +229,9 @@ def qa_reply(tok, reply: str) -> list[int]:
 # -- stages -----------------------------------------------------------------------------------------------------
 
 
-def sft(base, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_path: Path):
+def sft(base, tok, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_path: Path):
     """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss)."""
     model = copy.deepcopy(base).train()
-    tok = TOK[0]
     rows = []
     for r in records:
         p, y = qa_prompt(tok, r["question"]), qa_reply(tok, r["reply"])
@@ -252,13 +253,8 @@ def sft(base, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_p
     return model.eval(), losses[-1]
 
 
-# The tokenizer is shared by every stage of one experiment; a one-slot holder keeps signatures short.
-TOK: list = [None]
-
-
-def replies(model, items: list[dict], max_new_tokens: int) -> list[str]:
+def replies(model, tok, items: list[dict], max_new_tokens: int) -> list[str]:
     """Greedy replies to "Question: ...\nAnswer:", up to the newline."""
-    tok = TOK[0]
     prompts = [qa_prompt(tok, it["question"]) for it in items]
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=("\n",))
     was = model.training
@@ -270,19 +266,19 @@ def replies(model, items: list[dict], max_new_tokens: int) -> list[str]:
     return [o.text.strip() for o in outs]
 
 
-def evaluate(model, ev: dict, a: AbstainConfig) -> dict:
+def evaluate(model, tok, ev: dict, a: AbstainConfig) -> dict:
     out = {}
     labels = {}
     for group in ("known", "unknown"):
         items = ev[group]
-        texts = replies(model, items, a.max_new_tokens)
+        texts = replies(model, tok, items, a.max_new_tokens)
         labels[group] = [classify_answer(t, it["answer"]) for t, it in zip(texts, items)]
         out[f"examples_{group}"] = [{"q": it["question"], "answer": it["answer"], "reply": t, "class": c}
                                     for it, t, c in list(zip(items, texts, labels[group]))[:8]]
     return summarize(labels["known"], labels["unknown"]) | out
 
 
-def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
+def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
        judge=None):
     """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
 
@@ -300,7 +296,7 @@ def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float
         return value[verdict]
 
     policy = copy.deepcopy(init_model)
-    trainer = GRPOTrainer(policy, TOK[0], reward, group_size=a.group_size,
+    trainer = GRPOTrainer(policy, tok, reward, group_size=a.group_size,
                           optim=replace(GRPOConfig().optim, lr=a.rl_lr), kl_coef=a.kl_coef, clip=a.clip,
                           max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           minibatch_size=max(1, a.rl_prompts * a.group_size // 2), seed=seed, stop_strings=("\n",),
@@ -310,13 +306,13 @@ def rl(init_model, rl_items: list[dict], a: AbstainConfig, abstain_reward: float
 
     def refill(n: int):
         more = rng.sample(rl_items, min(n, len(rl_items)))
-        return [qa_prompt(TOK[0], b["question"]) for b in more], more
+        return [qa_prompt(tok, b["question"]) for b in more], more
 
     history = []
     with open(log_path, "w", encoding="utf-8") as log:
         for it in range(1, a.rl_iterations + 1):
             batch = rng.sample(rl_items, min(a.rl_prompts, len(rl_items)))
-            stats = trainer.step([qa_prompt(TOK[0], b["question"]) for b in batch], batch,
+            stats = trainer.step([qa_prompt(tok, b["question"]) for b in batch], batch,
                                  refill=refill if a.dynamic_sampling else None)
             texts = stats.pop("texts")
             cls = [classify_answer(t, batch[j // a.group_size]["answer"]) for j, t in enumerate(texts)]
@@ -357,7 +353,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     if init.world is None or not init.world.unknown_people:
         raise ScalelabError(f"{base_dir} was not trained on a world with unknown people (data.world.unknown_fraction > 0)")
     world, base = init.world, init_model.eval()
-    TOK[0] = init.tokenizer
+    tok = init.tokenizer
     groups = split_people(world, a.sft_fraction, a.rl_fraction, seed, unknown_shares(a))
     ev = {g: qa_items(world, groups[f"eval_{g}"]) for g in ("known", "unknown")}
     if a.max_eval:
@@ -369,7 +365,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
 
     def record(name, model, **extra):
         t = time.perf_counter()
-        conditions[name] = evaluate(model, ev, a) | extra
+        conditions[name] = evaluate(model, tok, ev, a) | extra
         m = conditions[name]
         log(f"{name}: known acc {m['known_accuracy']:.3f} | unknown abstain {m['unknown_abstain']:.3f} "
             f"hallucination {m['unknown_hallucination']:.3f} (eval {time.perf_counter() - t:.0f}s)")
@@ -377,38 +373,38 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     record("base", base)
     # The base model's memory, measured on the people post-training tunes on (their QA is in pretraining).
     sft_known_items = qa_items(world, groups["sft_known"])
-    base_tune = [classify_answer(r, it["answer"]) for r, it in zip(replies(base, sft_known_items, a.max_new_tokens), sft_known_items)]
+    base_tune = [classify_answer(r, it["answer"]) for r, it in zip(replies(base, tok, sft_known_items, a.max_new_tokens), sft_known_items)]
     base_memory = base_tune.count("correct") / len(base_tune)
     log(f"base model, QA about SFT-split known people: exact match {base_memory:.3f}")
     models = {}
     for name, target in (("a", "answer"), ("b", "idk")):
         t = time.perf_counter()
-        models[name], loss = sft(base, sft_records(world, groups, target), a, cfg.train, seed, out / f"sft_{name}.jsonl")
+        models[name], loss = sft(base, tok, sft_records(world, groups, target), a, cfg.train, seed, out / f"sft_{name}.jsonl")
         timings[f"sft_{name}"] = time.perf_counter() - t
         record(name, models[name], sft_final_loss=loss)
-        rl_view[name] = evaluate(models[name], rl_people, a)
+        rl_view[name] = evaluate(models[name], tok, rl_people, a)
     histories = {}
     for init_name in a.rl_from:
         for r in a.abstain_rewards if init_name in a.sweep_from else a.abstain_rewards[:1]:
             name = f"c[{init_name}, abstain={r:g}]"
             t = time.perf_counter()
-            policy, hist, _ = rl(models[init_name], rl_items, a, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
+            policy, hist, _ = rl(models[init_name], tok, rl_items, a, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
             timings[name] = time.perf_counter() - t
             histories[name] = hist
             record(name, policy, init=init_name, abstain_reward=r, rl_reward_first=hist[0]["reward"] if hist else None,
                    rl_reward_last=hist[-1]["reward"] if hist else None)
-            rl_view[name] = evaluate(policy, rl_people, a)
+            rl_view[name] = evaluate(policy, tok, rl_people, a)
     scorer_stats = {}
     if a.scorer:
         t = time.perf_counter()
         judge, scorer_stats = train_scorer(steps=a.scorer_steps, seed=seed)
         r = a.abstain_rewards[0]
         name = f"d[{a.scorer_from}, abstain={r:g}, judge]"
-        policy, hist, extra = rl(models[a.scorer_from], rl_items, a, r, seed, out / f"rl_judge_{a.scorer_from}.jsonl", judge)
+        policy, hist, extra = rl(models[a.scorer_from], tok, rl_items, a, r, seed, out / f"rl_judge_{a.scorer_from}.jsonl", judge)
         timings[name] = time.perf_counter() - t
         histories[name] = hist
         record(name, policy, init=a.scorer_from, abstain_reward=r, **extra, **scorer_stats)
-        rl_view[name] = evaluate(policy, rl_people, a)
+        rl_view[name] = evaluate(policy, tok, rl_people, a)
     for name, m in conditions.items():
         if name.startswith(("c[", "d[")):
             m["meets_target_vs_a"] = meets_target(m, conditions["a"], a.target_hallucination_cut, a.target_accuracy_drop)
@@ -477,13 +473,6 @@ def results_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     conds = result["conditions"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(conds)
@@ -513,8 +502,5 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_cli(args) -> None:
-    cfg, a = load_config_with_section(args.config, args.overrides, "abstain", AbstainConfig)
-    result = run_abstain(cfg, a, overwrite=args.overwrite)
-    print(results_markdown(result))
-    print(f"results: {Path(a.out_dir) / 'results.md'}, {Path(a.out_dir) / 'results.json'}, {Path(a.out_dir) / 'abstain.png'}")
+STUDY = Study("abstain", AbstainConfig, run_abstain, results_markdown,
+              ("results.md", "results.json", "abstain.png"))

@@ -28,11 +28,11 @@ from scalelab.adapt import data
 from scalelab.adapt.embed import POOLS, LinearProbe, accuracy, cosine_classify, embed_texts
 from scalelab.adapt.finetune import LORA_TARGETS, MODES, base_weights_unchanged, evaluate_head, set_mode, train_head
 from scalelab.adapt.heads import HEADS
-from scalelab.config import load_config_with_section
 from scalelab.data.world import ATTRIBUTES
 from scalelab.errors import ScalelabError
-from scalelab.evals.plots import save_figure
+from scalelab.evals.plots import plt, save_figure
 from scalelab.experiments.base_run import ensure_base, open_study_folder
+from scalelab.experiments.study import Study
 from scalelab.posttrain import common
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
@@ -290,13 +290,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot_embeddings(result: dict, path: Path) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
 
     emb = result["embeddings"]
     groups = [(task, pool) for task, row in emb.items() for pool in row["pools"]]
@@ -315,13 +308,6 @@ def plot_embeddings(result: dict, path: Path) -> None:
 
 
 def plot_modes(result: dict, path: Path) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
 
     modes = result["modes"]
     names = list(modes)
@@ -345,9 +331,5 @@ def plot_modes(result: dict, path: Path) -> None:
     save_figure(fig, path, f"fine-tuning modes on {result['adaptation']['finetune_task']}")
 
 
-def run_cli(args) -> None:
-    cfg, a = load_config_with_section(args.config, args.overrides, "adaptation", AdaptationConfig)
-    result = run_adaptation(cfg, a, overwrite=args.overwrite)
-    out = Path(a.out_dir)
-    print(summary_markdown(result))
-    print(f"results: {out / 'summary.md'}, {out / 'results.json'}, {out / 'embeddings.png'}, {out / 'finetune.png'}")
+STUDY = Study("adaptation", AdaptationConfig, run_adaptation, summary_markdown,
+              ("summary.md", "results.json", "embeddings.png", "finetune.png"))

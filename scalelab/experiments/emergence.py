@@ -40,6 +40,7 @@ from scalelab.data.generators import generate as generate_task
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.evals.metrics import brier_score, digit_credit, normalized_edit_distance
+from scalelab.evals.plots import plt
 from scalelab.evals.tasks import normalize_answer
 from scalelab.infer.sample import SamplingParams, generate
 from scalelab.run import CHECKPOINTS_DIR, Run, is_run_folder
@@ -257,13 +258,6 @@ def plot_emergence(rows: list[dict], out_png) -> Path:
     One line per model size N: along a line only the data D grows, so a jump between lines is a
     jump in model size and a jump along one is a jump in training.
     """
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     if not rows:
         raise ScalelabError("no emergence results to plot")
     tasks = _tasks_in_order(rows)

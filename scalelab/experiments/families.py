@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from scalelab.config import load_config_with_section
 from scalelab.data.loader import TokenLoader, eval_batches
 from scalelab.data.world import _PRONOUNS, SENTENCE_TEMPLATES, World, render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals.plots import plt, save_figure
 from scalelab.evals.tasks import normalize_answer
 from scalelab.experiments.base_run import open_study_folder
+from scalelab.experiments.study import Study
 from scalelab.model import families as fam
 from scalelab.pipeline import prepare
 from scalelab.runtime import seed_everything
@@ -483,9 +483,5 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, "decoder vs prefix-LM vs masked LM at equal training FLOPs")
 
 
-def run_cli(args) -> None:
-    cfg, a = load_config_with_section(args.config, args.overrides, "families", FamiliesConfig)
-    result = run_families(cfg, a, overwrite=args.overwrite)
-    print(summary_markdown(result))
-    out = Path(a.out_dir)
-    print(f"results: {out / 'summary.md'}, {out / 'results.json'}, {out / 'families.png'}")
+STUDY = Study("families", FamiliesConfig, run_families, summary_markdown,
+              ("summary.md", "results.json", "families.png"))

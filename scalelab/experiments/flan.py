@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import plt
 from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
+from scalelab.experiments.study import Study
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.common import write_json
@@ -154,9 +155,11 @@ def evaluate(model, tok, records: list[dict], max_new_tokens: int) -> dict:
 # -- the study ------------------------------------------------------------------------------------------------
 
 
-def run_flan(cfg, fc: FlanConfig, log=print) -> dict:
+def run_flan(cfg, fc: FlanConfig, overwrite: bool = False, log=print) -> dict:
     pool = check(fc)
     out = Path(fc.out_dir)
+    if overwrite:
+        clear_outputs_keep_base(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = ensure_base(cfg, out / "base", fc.base)
@@ -217,13 +220,6 @@ def markdown(result: dict) -> str:
 
 
 def plot(table: list[dict], path: Path, heldout: list[str]) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     ks = [r["k"] for r in table]
     # A symlog-like axis: k = 0 (the base) sits left of 1, 2, 4, ... on a log2 scale.
     xs = [0.0 if k == 0 else 1 + math.log2(k) for k in ks]
@@ -247,11 +243,8 @@ def plot(table: list[dict], path: Path, heldout: list[str]) -> None:
     plt.close(fig)
 
 
-def run_cli(args) -> None:
-    cfg, fc = load_config_with_section(args.config, args.overrides, SECTION, FlanConfig)
-    out = Path(fc.out_dir)
-    if getattr(args, "overwrite", False):
-        clear_outputs_keep_base(out)
-    result = run_flan(cfg, fc)
-    print(json.dumps(result["by_k"], indent=1))
-    print(f"results: {out / 'results.md'}")
+def summary_text(result: dict) -> str:
+    return json.dumps(result["by_k"], indent=1)
+
+
+STUDY = Study(SECTION, FlanConfig, run_flan, summary_text, ("results.md",))

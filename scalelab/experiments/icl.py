@@ -19,12 +19,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
 from scalelab.evals.harness import TaskContext, get_task, run_eval
 from scalelab.evals.lm import load_lm
-from scalelab.evals.plots import save_figure
+from scalelab.evals.plots import plt, save_figure
 from scalelab.experiments.base_run import ensure_base
+from scalelab.experiments.study import Study
 from scalelab.run import Run
 
 
@@ -145,13 +145,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
 
     a = result["icl"]
     shots = sorted(set(a["shots"]))
@@ -168,9 +161,5 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path, "In-context learning vs model size")
 
 
-def run_cli(args) -> None:
-    cfg, a = load_config_with_section(args.config, args.overrides, "icl", ICLConfig)
-    result = run_icl(cfg, a, overwrite=args.overwrite)
-    print(summary_markdown(result))
-    out = Path(a.out_dir)
-    print(f"results: {out / 'summary.md'}, {out / 'results.json'}, {out / 'icl.png'}")
+STUDY = Study("icl", ICLConfig, run_icl, summary_markdown,
+              ("summary.md", "results.json", "icl.png"))

@@ -30,12 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import GRPOConfig, load_config_with_section
+from scalelab.config import GRPOConfig
 from scalelab.errors import ScalelabError
-from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.evals.plots import label_fraction_axes, plt, save_figure
 from scalelab.experiments import reasoning_tools as tools
 from scalelab.experiments import reasoning_ttc as ttc
 from scalelab.experiments.base_run import open_study_folder
+from scalelab.experiments.study import Study
 from scalelab.infer.chat import chat_stop_ids, render_chat
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
@@ -536,13 +537,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def _task_axes(n: int):
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4), squeeze=False)
     return fig, list(axes[0])
 
@@ -577,8 +571,4 @@ def plot_rl(result: dict, path: Path) -> None:
     save_figure(fig, path, "GRPO from the chain-of-thought warm start")
 
 
-def run_cli(args) -> None:
-    cfg, r = load_config_with_section(args.config, args.overrides, SECTION, ReasoningConfig)
-    result = run_reasoning(cfg, r, overwrite=args.overwrite)
-    print(summary_markdown(result))
-    print(f"results: {Path(r.out_dir) / 'summary.md'}, {Path(r.out_dir) / 'results.json'}")
+STUDY = Study(SECTION, ReasoningConfig, run_reasoning, summary_markdown, ("summary.md", "results.json"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from scalelab.errors import ScalelabError
-from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.evals.plots import label_fraction_axes, plt, save_figure
 from scalelab.infer.chat import chat_stop_ids
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.infer.tools import (
@@ -106,13 +106,6 @@ def tool_accuracy(model, tokenizer, problems: list, prompts: list[list[int]], ma
 
 def plot_tools(tools: dict, task_names: list[str], path) -> None:
     """Accuracy against difficulty with and without the calculator, one panel per arithmetic task."""
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
 
     fig, axes = plt.subplots(1, len(task_names), figsize=(3.4 * len(task_names), 3.4), squeeze=False)
     lines = (("answer_only", "SFT answer only", "s:"), ("cot", "SFT chain of thought", "^--"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 from scalelab.errors import ScalelabError
-from scalelab.evals.plots import label_fraction_axes, save_figure
+from scalelab.evals.plots import label_fraction_axes, plt, save_figure
 from scalelab.infer.chat import chat_stop_ids
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.tasks.answer_format import ANSWER_MARKER, force_answer_suffix, verify
@@ -153,13 +153,6 @@ def sampled_answers(model, tokenizer, problems: list, prompts: list[list[int]], 
 def plot_ttc(ttc: dict, budget_path, samples_path) -> None:
     """Two figures: accuracy against thinking budget (one line per task); majority vote vs verifier
     best-of-N against the number of samples (one panel per task)."""
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, t in ttc.items():

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from scalelab.config import load_config_with_section
 from scalelab.errors import ScalelabError
+from scalelab.evals.plots import plt
 from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base, stage_config
+from scalelab.experiments.study import Study
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.common import write_json
@@ -156,9 +157,11 @@ def _final_eval(model, tok, records, rm_scorer, max_new_tokens) -> dict:
             "ended": sum(o.finish_reason == "stop" for o in outs) / n}
 
 
-def run_reward_hacking(cfg, rc: RewardHackingConfig, log=print) -> dict:
+def run_reward_hacking(cfg, rc: RewardHackingConfig, overwrite: bool = False, log=print) -> dict:
     check(rc)
     out = Path(rc.out_dir)
+    if overwrite:
+        clear_outputs_keep_base(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.run.progress = False
     t0 = time.perf_counter()
@@ -281,13 +284,6 @@ def markdown(result: dict) -> str:
 
 
 def plot(curves: dict, path: Path) -> None:
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # deferred: matplotlib is slow to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     keys = (("rm_score", "learned (biased) RM score"), ("response_length", "reply length (tokens)"),
             ("gold", "gold score (ground truth)"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -306,11 +302,8 @@ def plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_cli(args) -> None:
-    cfg, rc = load_config_with_section(args.config, args.overrides, SECTION, RewardHackingConfig)
-    out = Path(rc.out_dir)
-    if getattr(args, "overwrite", False):
-        clear_outputs_keep_base(out)
-    result = run_reward_hacking(cfg, rc)
-    print(json.dumps({n: {k: round(v, 4) for k, v in f.items()} for n, f in result["final"].items()}, indent=1))
-    print(f"results: {out / 'results.md'}")
+def summary_text(result: dict) -> str:
+    return json.dumps({n: {k: round(v, 4) for k, v in f.items()} for n, f in result["final"].items()}, indent=1)
+
+
+STUDY = Study(SECTION, RewardHackingConfig, run_reward_hacking, summary_text, ("results.md",))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter  # noqa: E402
+from scalelab.evals.plots import plt  # the one headless (Agg) matplotlib set-up
 
 from scalelab.scaling.fit import ChinchillaFit, IsoFLOPFit, PowerLawFit, _numeric, as_columns  # noqa: E402
 
