@@ -74,8 +74,9 @@ def test_tiny_flan_end_to_end(tmp_path, capsys):
     cfg = tmp_path / "flan.toml"
     cfg.write_text(f'[run]\nprogress = false\n[flan]\nout_dir = "{out}"\nbase = "{base}"\n'
                    'heldout = ["classification"]\n'
-                   "counts = [0, 1, 2]\norders = 2\nn_examples = 40\nsteps = 2\nbatch_size = 4\n"
-                   "eval_per_family = 3\nmax_new_tokens = 4\n")
+                   "counts = [0, 1, 2]\norders = 2\neval_per_family = 3\nmax_new_tokens = 4\n"
+                   "[sft]\nn_examples = 40\nsteps = 2\nbatch_size = 4\neval_every = 2\n"
+                   "[sft.optim]\nlr = 1e-3\nwarmup_steps = 10\n")
     assert main(["experiments", "flan", "-c", str(cfg)]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["k"] for r in result["by_k"]] == [0, 1, 2]

@@ -63,10 +63,10 @@ def test_shaped_reward_subtracts_a_length_penalty_and_records_gold():
 def test_bad_settings_are_refused():
     with pytest.raises(ScalelabError, match="conditions"):
         check(RewardHackingConfig(conditions=["no_kl", "bogus"]))
-    with pytest.raises(ScalelabError, match="iterations"):
-        check(RewardHackingConfig(iterations=0))
-    with pytest.raises(ScalelabError, match="kl_coef"):
-        check(RewardHackingConfig(kl_coef=-1.0))
+    with pytest.raises(ScalelabError, match="eval_prompts"):
+        check(RewardHackingConfig(eval_prompts=0))
+    with pytest.raises(ScalelabError, match="length_penalty"):
+        check(RewardHackingConfig(length_penalty=-1.0))
 
 
 def test_tiny_reward_hacking_end_to_end(tmp_path, capsys):
@@ -74,8 +74,13 @@ def test_tiny_reward_hacking_end_to_end(tmp_path, capsys):
     out = tmp_path / "rh"
     cfg = tmp_path / "rh.toml"
     cfg.write_text(f'[run]\nprogress = false\n[reward_hacking]\nout_dir = "{out}"\nbase = "{base}"\n'
-                   "sft_examples = 40\nsft_steps = 2\npairs = 24\nrm_steps = 2\ndpo_steps = 2\nbatch_size = 4\n"
-                   "iterations = 2\nrollout_batch = 2\nminibatch_size = 2\nmax_new_tokens = 6\neval_prompts = 4\n")
+                   "eval_prompts = 4\n"
+                   "[sft]\nn_examples = 40\nsteps = 2\nbatch_size = 4\neval_every = 2\n[sft.optim]\nlr = 1e-3\nwarmup_steps = 10\n"
+                   "[rm]\nn_pairs = 24\nsteps = 2\nbatch_size = 4\neval_every = 2\n[rm.optim]\nlr = 3e-4\nwarmup_steps = 10\n"
+                   "[dpo]\nn_pairs = 24\nsteps = 2\nbatch_size = 4\neval_every = 2\n"
+                   "[dpo.optim]\nlr = 1e-4\nwarmup_steps = 10\n"
+                   "[ppo]\niterations = 2\nrollout_batch = 2\nminibatch_size = 2\nmax_new_tokens = 6\nkl_coef = 0.2\n"
+                   "[ppo.optim]\nlr = 3e-5\nweight_decay = 0.0\n[ppo.critic_optim]\nlr = 1e-4\nweight_decay = 0.0\n")
     assert main(["experiments", "reward-hacking", "-c", str(cfg)]) == 0
     result = json.loads((out / "results.json").read_text())
     assert set(result["curves"]) == {"no_kl", "kl", "kl_length"}

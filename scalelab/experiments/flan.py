@@ -48,11 +48,8 @@ class FlanConfig:
     heldout: list[str] = field(default_factory=lambda: ["classification", "comparison"])  # never trained on
     counts: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 6])  # training families per condition
     orders: int = 2  # orders of the training families (rotations of one shuffle); each k averages over them
-    n_examples: int = 2000  # SFT conversations per run, the same for every k
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 10
+    # Each SFT run is the [sft] stage of the study's config (n_examples, steps, batch_size, [sft.optim]);
+    # the study sets only what it varies: the training families (and no validation split).
     eval_per_family: int = 48  # held-out prompts per held-out family
     max_new_tokens: int = 24
 
@@ -67,8 +64,8 @@ def check(fc: FlanConfig) -> list[str]:
     pool = [f for f in FAMILIES if f not in fc.heldout]
     if not fc.counts or any(k < 0 or k > len(pool) for k in fc.counts):
         raise ScalelabError(f"flan.counts must lie in 0..{len(pool)} (families left for training), got {fc.counts}")
-    if fc.orders < 1 or fc.n_examples < 1 or fc.steps < 1 or fc.eval_per_family < 1:
-        raise ScalelabError("flan.orders, n_examples, steps and eval_per_family must be positive")
+    if fc.orders < 1 or fc.eval_per_family < 1:
+        raise ScalelabError("flan.orders and flan.eval_per_family must be positive")
     return pool
 
 
@@ -176,9 +173,7 @@ def run_flan(cfg, fc: FlanConfig, overwrite: bool = False, log=print) -> dict:
                 model, name = init_model, "base"
             else:
                 name = "sft_" + "+".join(fams)
-                sft = replace(cfg.sft, data="mixture", n_examples=fc.n_examples, families=list(fams), val_fraction=0.0,
-                              steps=fc.steps, batch_size=fc.batch_size, eval_every=fc.steps,
-                              optim=replace(cfg.sft.optim, lr=fc.lr, warmup_steps=fc.warmup_steps))
+                sft = replace(cfg.sft, data="mixture", families=list(fams), val_fraction=0.0)
                 scfg = stage_config(cfg, out / name, sft=sft)
                 scfg.run.progress = False
                 if not (out / name / "summary.json").is_file():
@@ -190,7 +185,7 @@ def run_flan(cfg, fc: FlanConfig, overwrite: bool = False, log=print) -> dict:
             log(f"k={k} {name}: exact {m['exact']:.3f} contains {m['contains']:.3f} ended {m['ended']:.3f} "
                 f"answer_nll {m['answer_nll']:.3f} ({time.perf_counter() - t:.0f}s eval)")
     table = aggregate(rows)
-    result = {"config": asdict(fc), "pool": pool, "heldout_prompts": len(records), "runs": rows, "by_k": table,
+    result = {"config": asdict(fc), "sft": asdict(cfg.sft), "pool": pool, "heldout_prompts": len(records), "runs": rows, "by_k": table,
               "wall_seconds": time.perf_counter() - t0}
     write_json(out / "results.json", result)
     plot(table, out / "flan.png", fc.heldout)
@@ -199,12 +194,12 @@ def run_flan(cfg, fc: FlanConfig, overwrite: bool = False, log=print) -> dict:
 
 
 def markdown(result: dict) -> str:
-    fc = result["config"]
+    fc, sft = result["config"], result["sft"]
     lines = [
         "# Flan: held-out task families vs number of training families", "",
         f"Held out: {', '.join(fc['heldout'])} ({result['heldout_prompts']} prompts). Training pool: "
-        f"{', '.join(result['pool'])}. Each SFT run: {fc['n_examples']} conversations, {fc['steps']} steps "
-        f"× {fc['batch_size']}; {fc['orders']} family orders (rotations of one shuffle). Wall time {result['wall_seconds']:.0f} s.", "",
+        f"{', '.join(result['pool'])}. Each SFT run: {sft['n_examples']} conversations, {sft['steps']} steps "
+        f"× {sft['batch_size']}; {fc['orders']} family orders (rotations of one shuffle). Wall time {result['wall_seconds']:.0f} s.", "",
         "| training families | runs | exact match | contains answer | ended turn | answer NLL (nats/token) |",
         "|---|---|---|---|---|---|",
     ]

@@ -52,26 +52,10 @@ class RewardHackingConfig:
     base: str = ""  # an existing world pretraining run; empty: pretrain one in out_dir/base
     families: list[str] = field(default_factory=list)  # prompt families (empty: the short-answer ones)
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
-    sft_examples: int = 3000
-    sft_steps: int = 200
-    sft_lr: float = 1e-3
-    pairs: int = 2000  # preference pairs for the reward model and DPO (bias = "longer")
-    rm_steps: int = 150
-    rm_lr: float = 3e-4
-    batch_size: int = 16
-    iterations: int = 60  # PPO rollout batches per condition
-    rollout_batch: int = 16
-    minibatch_size: int = 8
-    ppo_lr: float = 3e-5
-    critic_lr: float = 1e-4
-    max_new_tokens: int = 32
-    kl_coef: float = 0.2  # beta of the kl conditions
     length_penalty: float = 0.05  # kl_length: subtracted from the RM score per reply token
-    missing_eos_penalty: float = 0.0
-    dpo_steps: int = 150
-    dpo_lr: float = 1e-4
-    dpo_beta: float = 0.1
     eval_prompts: int = 96  # held-out prompts for the final gold comparison
+    # The stages are the config's own [sft], [rm], [dpo] and [ppo] sections; the study sets only its design:
+    # the prompt families, preference pairs that favour the longer reply, and [ppo].kl_coef = 0 for no_kl.
 
 
 def check(rc: RewardHackingConfig) -> None:
@@ -79,12 +63,10 @@ def check(rc: RewardHackingConfig) -> None:
     if bad or not rc.conditions:
         raise ScalelabError(f"reward_hacking.conditions must be a non-empty subset of {list(CONDITIONS)}, "
                             f"got {rc.conditions}")
-    for name in ("sft_examples", "sft_steps", "pairs", "rm_steps", "iterations", "rollout_batch", "minibatch_size",
-                 "max_new_tokens", "eval_prompts", "batch_size"):
-        if getattr(rc, name) < 1:
-            raise ScalelabError(f"reward_hacking.{name} must be positive, got {getattr(rc, name)}")
-    if rc.kl_coef < 0 or rc.length_penalty < 0:
-        raise ScalelabError("reward_hacking.kl_coef and length_penalty must be >= 0")
+    if rc.eval_prompts < 1:
+        raise ScalelabError(f"reward_hacking.eval_prompts must be positive, got {rc.eval_prompts}")
+    if rc.length_penalty < 0:
+        raise ScalelabError("reward_hacking.length_penalty must be >= 0")
 
 
 # -- the gold scorer ------------------------------------------------------------------------------------------
@@ -177,14 +159,10 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, overwrite: bool = False, lo
             log(f"{name}: {({k: v for k, v in s.items() if isinstance(v, float)})} ({time.perf_counter() - t:.0f}s)")
         return json.loads((out / name / "summary.json").read_text())
 
-    sft_sum = stage("sft", run_sft, sft=replace(cfg.sft, data="mixture", n_examples=rc.sft_examples, families=families,
-                                                  steps=rc.sft_steps, batch_size=rc.batch_size, eval_every=rc.sft_steps,
-                                                  optim=replace(cfg.sft.optim, lr=rc.sft_lr, warmup_steps=10)))
-    pref = dict(data="generated", n_pairs=rc.pairs, bias="longer", batch_size=rc.batch_size)
-    rm_sum = stage("rm", run_rm, rm=replace(cfg.rm, steps=rc.rm_steps, eval_every=rc.rm_steps, **pref,
-                                            optim=replace(cfg.rm.optim, lr=rc.rm_lr, warmup_steps=10)))
-    dpo_sum = stage("dpo", run_dpo, dpo=replace(cfg.dpo, steps=rc.dpo_steps, beta=rc.dpo_beta, eval_every=rc.dpo_steps,
-                                                **pref, optim=replace(cfg.dpo.optim, lr=rc.dpo_lr, warmup_steps=10)))
+    sft_sum = stage("sft", run_sft, sft=replace(cfg.sft, data="mixture", families=families))
+    rm_sum = stage("rm", run_rm, rm=replace(cfg.rm, data="generated", bias="longer"))
+    dpo_sum = stage("dpo", run_dpo, dpo=replace(cfg.dpo, data="generated", bias="longer"))
+    max_new_tokens = cfg.ppo.max_new_tokens
 
     init = Run.open(out / "sft")
     init_model = init.load_model(device)
@@ -193,31 +171,24 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, overwrite: bool = False, lo
     scorer = RewardModelScorer(rm, tok.token_id("<|assistant_end|>"), tok.bos_id, device)
     ctx = init_model.config.block_size
     prompts = [r for r in instruction_mixture(world, 2000, seed=cfg.run.seed + 31337, families=families)
-               if len(prompt_ids(tok, r["messages"][:-1])) <= ctx - rc.max_new_tokens - 1]
+               if len(prompt_ids(tok, r["messages"][:-1])) <= ctx - max_new_tokens - 1]
     train_recs, eval_recs = split_holdout(prompts, 0.1, cfg.run.seed)
     eval_recs = eval_recs[: rc.eval_prompts]
-    if len(train_recs) < rc.rollout_batch or not eval_recs:
+    if len(train_recs) < cfg.ppo.rollout_batch or not eval_recs:
         raise ScalelabError("too few prompts fit the model's context; raise model.block_size or lower max_new_tokens")
 
     curves, policies = {}, {"sft": init_model, "dpo": ckpt.load_model(out / "dpo", device)}
     for cond in rc.conditions:
         seed_everything(cfg.run.seed)
         policy = ckpt.load_model(out / "sft", device)
-        ppo = replace(cfg.ppo, iterations=rc.iterations, rollout_batch=rc.rollout_batch,
-                      minibatch_size=rc.minibatch_size, epochs=1, max_new_tokens=rc.max_new_tokens,
-                      # the study's rates, no weight decay, and the pretraining run's clip
-                      optim=replace(cfg.ppo.optim, lr=rc.ppo_lr, weight_decay=0.0, grad_clip=cfg.train.optim.grad_clip),
-                      critic_optim=replace(cfg.ppo.critic_optim, lr=rc.critic_lr, weight_decay=0.0,
-                                           grad_clip=cfg.train.optim.grad_clip),
-                      kl_coef=0.0 if cond == "no_kl" else rc.kl_coef, adaptive_kl=False,
-                      missing_eos_penalty=rc.missing_eos_penalty, temperature=1.0)
+        ppo = replace(cfg.ppo, kl_coef=0.0) if cond == "no_kl" else cfg.ppo
         reward = ShapedReward(scorer, rc.length_penalty if cond == "kl_length" else 0.0)
         critic = ScalarHeadModel(copy.deepcopy(policy)).to(device).train()
         trainer = PPOTrainer(policy, critic, tok, ppo, reward, device, cfg.run.seed)
         rng = random.Random(f"reward-hacking-{cfg.run.seed}")  # the same prompt stream for every condition
         hist, t = [], time.perf_counter()
-        for it in range(rc.iterations):
-            batch = rng.sample(train_recs, rc.rollout_batch)
+        for it in range(ppo.iterations):
+            batch = rng.sample(train_recs, ppo.rollout_batch)
             stats = trainer.step([prompt_ids(tok, r["messages"][:-1]) for r in batch], [r["answer"] for r in batch])
             hist.append({"iteration": it + 1, **{k: stats[k] for k in ("kl", "response_length", "ended", "entropy")},
                          **reward.last, "reward": stats["reward"]})
@@ -229,13 +200,14 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, overwrite: bool = False, lo
             f"gold {hist[0]['gold']:.2f}->{sum(h['gold'] for h in hist[-k:]) / k:.2f} ({time.perf_counter() - t:.0f}s)")
 
     with torch.no_grad():
-        finals = {name: _final_eval(m, tok, eval_recs, scorer, rc.max_new_tokens) for name, m in policies.items()}
+        finals = {name: _final_eval(m, tok, eval_recs, scorer, max_new_tokens) for name, m in policies.items()}
     answers = [r["answer"] for r in eval_recs]
     for name, f in finals.items():
         f["win_rate_vs_sft"] = win_rate(f["texts"], finals["sft"]["texts"], answers)
     examples = [{"prompt": r["messages"][-2]["content"], "answer": r["answer"],
                  **{n: f["texts"][i] for n, f in finals.items()}} for i, r in enumerate(eval_recs[:6])]
-    result = {"config": asdict(rc), "sft": sft_sum, "rm": rm_sum, "dpo": dpo_sum, "curves": curves,
+    result = {"config": asdict(rc), "stages": {"sft": asdict(cfg.sft), "rm": asdict(cfg.rm), "dpo": asdict(cfg.dpo),
+                                               "ppo": asdict(cfg.ppo)}, "sft": sft_sum, "rm": rm_sum, "dpo": dpo_sum, "curves": curves,
               "final": {n: {k: v for k, v in f.items() if k != "texts"} for n, f in finals.items()},
               "examples": examples, "eval_prompts": len(eval_recs), "wall_seconds": time.perf_counter() - t0}
     write_json(out / "results.json", result)
@@ -251,13 +223,15 @@ def _edge_means(hist: list[dict], key: str) -> tuple[float, float]:
 
 def markdown(result: dict) -> str:
     rc, rm = result["config"], result["rm"]
+    rm_cfg, ppo = result["stages"]["rm"], result["stages"]["ppo"]
     per_rule = "".join(f", {k.split('/')[1]} {v:.3f}" for k, v in rm.items() if k.startswith("val_accuracy/"))
     lines = [
         "# Reward hacking: PPO against a length-biased reward model", "",
-        f"Reward model (bias = \"longer\", {rc['pairs']} pairs): held-out accuracy "
+        f"Reward model (bias = \"longer\", {rm_cfg['n_pairs']} pairs): held-out accuracy "
         f"{rm.get('val_accuracy', float('nan')):.3f}{per_rule}.",
-        f"PPO: {rc['iterations']} iterations × {rc['rollout_batch']} rollouts, lr {rc['ppo_lr']}, one epoch per batch; "
-        f"kl_coef {rc['kl_coef']}, length penalty {rc['length_penalty']}/token. "
+        f"PPO: {ppo['iterations']} iterations × {ppo['rollout_batch']} rollouts, lr {ppo['optim']['lr']}, "
+        f"{ppo['epochs']} epoch(s) per batch; "
+        f"kl_coef {ppo['kl_coef']}, length penalty {rc['length_penalty']}/token. "
         f"Wall time {result['wall_seconds']:.0f} s.", "",
         "Training rollouts (sampled, T = 1), mean of the first and last fifth of the iterations:", "",
         "| condition | RM score | reply tokens | gold score | exact match | KL (nats/reply) |",
