@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+from conftest import dev_import
 from scalelab.errors import ScalelabError
 from scalelab.scaling import (
     CHINCHILLA_PARAMS,
@@ -120,7 +121,7 @@ def test_to_dict_is_json(chin):
 
 
 def test_dataframe_and_list_inputs_agree():
-    pd = pytest.importorskip("pandas")
+    pd = dev_import("pandas")
     rows = grid_runs(seed=2, n_sizes=4, n_tokens=4)
     a = fit_chinchilla(rows, n_bootstrap=0, n_starts=8)
     b = fit_chinchilla(pd.DataFrame(rows), n_bootstrap=0, n_starts=8)
