@@ -1,6 +1,7 @@
 """Crash safety: durable atomic checkpoint writes, corruption caught at load, and a real SIGKILL mid-write
 (of the single-file checkpoint, and of one rank during a sharded DCP save under torchrun)."""
 
+import functools
 import json
 import os
 import pickle
@@ -237,6 +238,25 @@ def _torchrun_pretrain(run, *extra):
             "--set", "parallel.dp_replicate=1", "--set", "parallel.dp_shard=-1"]
 
 
+@pytest.fixture(scope="module")
+def sharded_reference_losses(tmp_path_factory):
+    """The uninterrupted 2-process run, started once (alongside the first victim); both kill tests compare to it."""
+    ref = tmp_path_factory.mktemp("sharded") / "ref"
+    proc = subprocess.Popen(_torchrun_pretrain(ref), env=subprocess_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    @functools.cache
+    def losses() -> dict:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return _train_losses(ref)
+
+    yield losses
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 # Where the sharded write of step 9 is stopped, and what each stop leaves on disk (never a loadable folder).
 DCP_STOPS = {
     # rank 1 has written its shards, inside torch.distributed.checkpoint's save: no .metadata yet
@@ -250,11 +270,9 @@ DCP_STOPS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", DCP_STOPS)
-def test_sigkill_of_a_rank_mid_sharded_save_resumes_with_identical_losses(tmp_path, stop):
+def test_sigkill_of_a_rank_mid_sharded_save_resumes_with_identical_losses(tmp_path, stop, sharded_reference_losses):
     var, value, left, absent = DCP_STOPS[stop]
-    ref, victim = tmp_path / "ref", tmp_path / "victim"
-    reference = subprocess.Popen(_torchrun_pretrain(ref), env=subprocess_env(1), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    victim = tmp_path / "victim"
     marker = tmp_path / "stopped"
     env = subprocess_env(1) | {var: value.format(marker=marker)}
     proc = subprocess.Popen(_torchrun_pretrain(victim), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -282,10 +300,9 @@ def test_sigkill_of_a_rank_mid_sharded_save_resumes_with_identical_losses(tmp_pa
     r = subprocess.run(_torchrun_pretrain(victim, "--resume"), env=subprocess_env(1), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err[-3000:]
-    assert sorted(_train_losses(ref)) == list(range(1, 13))
-    assert _train_losses(victim) == _train_losses(ref)  # exact: steps 7-12 replayed bit for bit from the DCP shards
+    reference = sharded_reference_losses()
+    assert sorted(reference) == list(range(1, 13))
+    assert _train_losses(victim) == reference  # exact: steps 7-12 replayed bit for bit from the DCP shards
     setups = [rec["step"] for rec in read_metrics(victim / "metrics.jsonl") if rec["kind"] == "setup"]
     assert setups == [0, 6]
     assert (ckdir / "step_000012" / ckpt.SHARDED_DIR / ".metadata").is_file()
