@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
+
+def dev_import(module: str):
+    """Import a package of the ``dev`` extra (pyproject.toml), which ``make test`` always installs.
+
+    Without it, a local run skips the test (a bare ``pip install -e .`` plus pytest); under CI=true
+    the missing or broken import fails, so a broken install can never pass as skips. At module
+    level a skip is raised for the whole file.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{module} (the dev extra) does not import under CI: {e}", pytrace=False)
+        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
 def subprocess_env(threads: int = 1) -> dict:

@@ -1,16 +1,19 @@
-"""Crash safety: durable atomic checkpoint writes, corruption caught at load, and a real SIGKILL mid-write."""
+"""Crash safety: durable atomic checkpoint writes, corruption caught at load, and a real SIGKILL mid-write
+(of the single-file checkpoint, and of one rank during a sharded DCP save under torchrun)."""
 
+import functools
 import json
 import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import scalelab_cmd, subprocess_env, tiny_overrides
+from conftest import REPO, scalelab_cmd, subprocess_env, tiny_overrides
 from scalelab.config import load_config
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
@@ -224,4 +227,83 @@ def test_sigkill_mid_checkpoint_resumes_with_identical_losses(tmp_path):
     assert sorted(_train_losses(ref)) == list(range(1, 13))
     setups = [rec["step"] for rec in read_metrics(victim / "metrics.jsonl") if rec["kind"] == "setup"]
     assert setups == [0, 6]
+    assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]  # the torn write was cleaned up
+
+
+def _torchrun_pretrain(run, *extra):
+    """2 gloo processes, FSDP=2: every checkpoint is a sharded (DCP) one."""
+    args = sum((["--set", o] for o in tiny_overrides(run, steps=12, **{"train.ckpt_every": "3"})), [])
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "tests" / "dcp_crash_worker.py"), "pretrain", "--skip-eval", *extra, *args,
+            "--set", "parallel.dp_replicate=1", "--set", "parallel.dp_shard=-1"]
+
+
+@pytest.fixture(scope="module")
+def sharded_reference_losses(tmp_path_factory):
+    """The uninterrupted 2-process run, started once (alongside the first victim); both kill tests compare to it."""
+    ref = tmp_path_factory.mktemp("sharded") / "ref"
+    proc = subprocess.Popen(_torchrun_pretrain(ref), env=subprocess_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    @functools.cache
+    def losses() -> dict:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return _train_losses(ref)
+
+    yield losses
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+# Where the sharded write of step 9 is stopped, and what each stop leaves on disk (never a loadable folder).
+DCP_STOPS = {
+    # rank 1 has written its shards, inside torch.distributed.checkpoint's save: no .metadata yet
+    "rank 1 in the DCP write": ("SCALELAB_TEST_DCP_STOP", "9:1:{marker}",
+                                (".step_000009.dcp.tmp/__1_0.distcp",), (".step_000009.dcp.tmp/.metadata",)),
+    # rank 0 has every file, the shards moved in and the manifest written; the rename is not done
+    "rank 0 before the rename": ("SCALELAB_TEST_HANG_IN_CHECKPOINT", "9:{marker}",
+                                 (".step_000009.tmp/dcp/.metadata", ".step_000009.tmp/meta.json"), ()),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", DCP_STOPS)
+def test_sigkill_of_a_rank_mid_sharded_save_resumes_with_identical_losses(tmp_path, stop, sharded_reference_losses):
+    var, value, left, absent = DCP_STOPS[stop]
+    victim = tmp_path / "victim"
+    marker = tmp_path / "stopped"
+    env = subprocess_env(1) | {var: value.format(marker=marker)}
+    proc = subprocess.Popen(_torchrun_pretrain(victim), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not (marker.exists() and marker.read_text()):  # the stopped rank writes its pid into it
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached the sharded save of step 9"
+        time.sleep(0.05)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    try:  # torchrun sees the dead rank and stops the other one, which is waiting on it
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not end after a rank was killed")
+    assert proc.returncode != 0 and "SIGKILL" in err, err[-3000:]
+
+    ckdir = victim / "checkpoints"
+    assert all((ckdir / f).is_file() for f in left) and not any((ckdir / f).exists() for f in absent)
+    assert not (ckdir / "step_000009").exists()
+    assert ckpt.latest_checkpoint(ckdir) == ckdir / "step_000006"
+    assert (ckdir / "step_000006" / ckpt.SHARDED_DIR / ".metadata").is_file()
+    assert max(_train_losses(victim)) == 9  # steps 7-9 ran and were logged before the kill
+
+    r = subprocess.run(_torchrun_pretrain(victim, "--resume"), env=subprocess_env(1), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = sharded_reference_losses()
+    assert sorted(reference) == list(range(1, 13))
+    assert _train_losses(victim) == reference  # exact: steps 7-12 replayed bit for bit from the DCP shards
+    setups = [rec["step"] for rec in read_metrics(victim / "metrics.jsonl") if rec["kind"] == "setup"]
+    assert setups == [0, 6]
+    assert (ckdir / "step_000012" / ckpt.SHARDED_DIR / ".metadata").is_file()
     assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]  # the torn write was cleaned up

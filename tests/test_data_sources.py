@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import dev_import
 from scalelab.data.shards import ShardMeta, TokenShards, build_shards, load_shards, split_documents
 from scalelab.data.sources import load_documents
 from scalelab.errors import ScalelabError
@@ -89,7 +90,7 @@ def test_parquet_reads_the_named_column(tmp_path):
 
 
 def test_hugging_face_datasets(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = dev_import("datasets")
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
     assert load_documents("hf", str(tmp_path / "saved")) == DOCS
     with pytest.raises(ScalelabError, match="no column 'body'"):

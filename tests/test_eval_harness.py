@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain_util import one_thread  # noqa: F401  (autouse: one torch thread)
+from conftest import dev_import
 from scalelab.cli import main
 from scalelab.config import Config, to_toml
 from scalelab.data.world import World, WorldConfig
@@ -13,6 +14,7 @@ from scalelab.errors import ScalelabError
 from scalelab.evals import harness as H
 from scalelab.evals.fewshot import draw_shots, parse_shots
 from scalelab.evals.lm import ScalelabLM, load_lm
+from scalelab.infer.export_hf import export_run
 from scalelab.evals.probes import DIMENSIONS, build_probes, format_probe_table, run_probes
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import build_tokenizer
@@ -174,9 +176,7 @@ def test_probes_table(run):
 
 
 def test_hf_export_scores_like_the_run(run, tmp_path):
-    pytest.importorskip("transformers")
-    from scalelab.infer.export_hf import export_run
-
+    dev_import("transformers")
     hf = export_run(run, tmp_path / "hf")
     assert (hf / "world.json").is_file()  # export carries the world along for the world tasks
     native, exported = load_lm(run), load_lm(hf)
@@ -220,9 +220,7 @@ def test_icl_study_end_to_end_tiny(tmp_path):
 
 
 def test_cli_accepts_an_hf_folder(run, tmp_path, capsys):
-    pytest.importorskip("transformers")
-    from scalelab.infer.export_hf import export_run
-
+    dev_import("transformers")
     hf = export_run(run, tmp_path / "hf")
     assert main(["eval", str(hf), "--tasks", "addition", "--shots", "0,1", "--n", "2"]) == 0
     assert "| addition | 1 | 2 |" in capsys.readouterr().out

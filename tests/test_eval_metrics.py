@@ -1,5 +1,6 @@
 """Harness metrics against hand-computed values and the reference libraries' own numbers."""
 
+import json
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 from scalelab.errors import ScalelabError
 from scalelab.evals import metrics as M
+from scalelab.evals.commands import print_eval
 from scalelab.evals.lm import ScorableLM
 from scalelab.experiments import emergence
+from scalelab.report import write_report
 
 
 def test_exact_match_normalises_whitespace_and_first_line():
@@ -97,3 +100,25 @@ def test_win_rate_counts_ties_as_half():
     assert M.win_rate([1, 0, 0.5, 1], [0.5, 0.5, 0.5, 0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     with pytest.raises(ScalelabError):
         M.win_rate([1], [])
+
+
+def test_bits_vs_baseline_says_more_when_worse():
+    assert M.bits_vs_baseline(0.308) == "30.8% fewer bits"
+    assert M.bits_vs_baseline(-0.378) == "37.8% more bits"
+    assert M.bits_vs_baseline(0.0) == "0.0% fewer bits"
+
+
+@pytest.mark.parametrize("val_bpb, phrase", [(0.3066, "30.8% fewer bits"), (0.6108, "37.8% more bits")])
+def test_pretrain_summary_and_report_read_right_on_both_sides_of_the_baseline(tmp_path, capsys, val_bpb, phrase):
+    """A GPT better than the n-gram needs fewer bits; a worse one needs more (never "-37.8% fewer")."""
+    ngram_bpb = 0.4432
+    ev = {"val_loss": 1.0, "val_bpb": val_bpb, "ngram_order": 4, "ngram_val_loss": 1.3881, "ngram_val_bpb": ngram_bpb,
+          "bpb_improvement_over_ngram": 1 - val_bpb / ngram_bpb, "tokenizer_bytes_per_token_val": 4.52}
+    print_eval(ev)
+    assert f"({phrase} than the baseline)" in capsys.readouterr().out
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 2.0 / s}) + "\n"
+                                                    for s in (1, 2)))
+    report = write_report(tmp_path).read_text()
+    assert f"The GPT needs {phrase} per byte than the n-gram baseline." in report
+    assert "-" not in phrase and report.count("% fewer bits") + report.count("% more bits") == 1

@@ -93,7 +93,8 @@ def test_tiny_reward_hacking_end_to_end(tmp_path, capsys):
     assert final["sft"]["win_rate_vs_sft"] == 0.5
     assert all(0 <= f["win_rate_vs_sft"] <= 1 for f in final.values())
     assert (out / "reward_hacking.png").stat().st_size > 0 and "gold win rate" in (out / "results.md").read_text()
-    assert result["rm"]["val_accuracy"] is not None
+    accuracy = result["rm"]["val_accuracy"]
+    assert 0.0 <= accuracy <= 1.0 and f"{accuracy:.3f}" in (out / "results.md").read_text()
     capsys.readouterr()
     code = main(["experiments", "reward-hacking", "-c", str(cfg), "--set", 'reward_hacking.conditions=["x"]'])
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Export to Hugging Face transformers: the loaded model must compute what ours computes.
 
-transformers is in the ``dev`` extra, so ``make test`` runs these; a bare install skips them.
+transformers is in the ``dev`` extra, so ``make test`` runs these; a bare install skips them locally (never under CI=true).
 """
 
 import subprocess
@@ -8,17 +8,17 @@ import subprocess
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from conftest import dev_import, scalelab_cmd, subprocess_env
+from scalelab.cli import main
+from scalelab.config import Config, to_toml
+from scalelab.errors import ScalelabError
+from scalelab.infer.export_hf import export_hf, hf_architecture
+from scalelab.infer.sample import SamplingParams, generate
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.tokenizer import ByteTokenizer, build_tokenizer
+from scalelab.train.checkpoint import save_checkpoint
 
-from conftest import scalelab_cmd, subprocess_env  # noqa: E402
-from scalelab.cli import main  # noqa: E402
-from scalelab.config import Config, to_toml  # noqa: E402
-from scalelab.errors import ScalelabError  # noqa: E402
-from scalelab.infer.export_hf import export_hf, hf_architecture  # noqa: E402
-from scalelab.infer.sample import SamplingParams, generate  # noqa: E402
-from scalelab.model.gpt import GPT, GPTConfig  # noqa: E402
-from scalelab.tokenizer import ByteTokenizer, build_tokenizer  # noqa: E402
-from scalelab.train.checkpoint import save_checkpoint  # noqa: E402
+transformers = dev_import("transformers")
 
 TEXTS = [f"the quick brown fox jumps over the lazy dog {i} times, said {n}" for i in range(60) for n in ("Ada", "Bo")]
 

@@ -138,7 +138,10 @@ def test_kl_coef_zero_keeps_no_reference_and_bad_options_fail():
     tok = CharTokenizer(list("ab"))
     policy = tiny_model(tok.vocab_size, 32, seed=0)
     assert GRPOTrainer(policy, tok, lambda *a: 0.0, kl_coef=0.0).reference is None
-    assert GRPOTrainer(policy, tok, lambda *a: 0.0, kl_coef=0.1).reference is not None
+    reference = GRPOTrainer(policy, tok, lambda *a: 0.0, kl_coef=0.1).reference
+    assert reference is not policy and not reference.training  # a frozen copy of the starting policy
+    assert all(not r.requires_grad and r is not p and torch.equal(r, p)
+               for r, p in zip(reference.parameters(), policy.parameters()))
     for kw, msg in (({"group_size": 1}, "group_size"), ({"loss_norm": "seq"}, "loss_norm"),
                     ({"old_logprobs": "cache"}, "old_logprobs"), ({"clip": -0.1}, "clip")):
         with pytest.raises(ScalelabError, match=msg):
@@ -188,9 +191,13 @@ def test_scalelab_grpo_end_to_end(tmp_path, capsys):
     for key in ("reward", "pass@1", "response_length", "entropy", "kl", "clip_frac", "dropped_groups", "formatted"):
         assert all(key in r for r in steps), key
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 3]
-    assert ckpt.load_model(out) is not None and (out / "reward.png").stat().st_size > 0
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_000003"
+    assert ckpt.load_model(out).config == ckpt.load_model(init).config and (out / "reward.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stage"] == "grpo" and summary["pass@1_after"] is not None
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert summary["stage"] == "grpo"
+    assert (summary["pass@1_before"], summary["pass@1_after"]) == (evals[0]["pass@1"], evals[-1]["pass@1"])
+    assert 0.0 <= summary["pass@1_after"] <= 1.0
     assert "run folder" in capsys.readouterr().out
     # dynamic sampling and the unclipped, sequence-normalised, recomputed-log-prob variant run too
     assert main(_grpo_args(init, tmp_path / "grpo2", "grpo.dynamic_sampling=true", "grpo.clip=0", "grpo.kl_coef=0",

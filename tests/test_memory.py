@@ -3,14 +3,22 @@ import subprocess
 import sys
 import time
 
+import fastapi
+import httpx
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
 from conftest import subprocess_env
+from serve_util import Server
+from scalelab.config import Config, to_toml
 from scalelab.errors import ScalelabError
 from scalelab.infer.sample import SamplingParams
 from scalelab.infer.tools import run_with_tools
-from scalelab.serve.memory import MAX_MEMORY_CHARS, MemoryNotFound, MemoryStore
+from scalelab.model.gpt import GPT, GPTConfig
+from scalelab.serve.memory import MAX_MEMORY_CHARS, MemoryNotFound, MemoryStore, build_memory_router
 from scalelab.tokenizer import ByteTokenizer
+from scalelab.train.checkpoint import save_checkpoint
 
 
 def test_store_crud_and_context_block(tmp_path):
@@ -60,11 +68,6 @@ def test_bio_tool_call_saves_to_store(tmp_path):
 
 
 def test_router_endpoints_and_errors(tmp_path):
-    fastapi = pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from scalelab.serve.memory import build_memory_router
-
     app = fastapi.FastAPI()
     store = MemoryStore(tmp_path / "m.sqlite")
     app.include_router(build_memory_router(store))
@@ -118,8 +121,6 @@ def _free_port() -> int:
 
 
 def _start_server(db, port):
-    import httpx
-
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(db), str(port)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -145,8 +146,6 @@ def _stop(proc):
 
 
 def test_memories_survive_a_server_restart(tmp_path):
-    pytest.importorskip("uvicorn")
-    httpx = pytest.importorskip("httpx")
     db, port = tmp_path / "memories.sqlite", _free_port()
     proc = _start_server(db, port)
     try:
@@ -164,14 +163,6 @@ def test_memories_survive_a_server_restart(tmp_path):
 
 def test_memories_survive_a_real_scalelab_serve_restart(tmp_path):
     """Through the real server (`scalelab serve`), which keeps memories in RUN/memory.sqlite."""
-    pytest.importorskip("uvicorn")
-    httpx = pytest.importorskip("httpx")
-    import torch
-
-    from scalelab.config import Config, to_toml
-    from scalelab.model.gpt import GPT, GPTConfig
-    from scalelab.train.checkpoint import save_checkpoint
-    from serve_util import Server
 
     run = tmp_path / "run"
     tok = ByteTokenizer()

@@ -109,9 +109,12 @@ def _launch(nproc: int, spec: dict, root: Path, name: str) -> dict:
     return json.loads(out_path.read_text())
 
 
-def _check(out: dict, reference: list[float]) -> None:
+def _check(out: dict, reference: list[float], layouts: list[list[int]]) -> None:
+    """Every layout asked for trained and was compared: losses and gradients for each, none missing."""
+    keys = {"x".join(map(str, layout)) for layout in layouts}
+    assert set(out["losses"]) == keys and set(out["grad_rel_err"]) == keys, (sorted(out["losses"]), sorted(keys))
     for key, losses in out["losses"].items():
-        assert losses == pytest.approx(reference[:STEPS], **LOSS_TOL), key
+        assert len(losses) == STEPS and losses == pytest.approx(reference[:STEPS], **LOSS_TOL), key
     for key, err in out["grad_rel_err"].items():
         assert err < GRAD_TOL, (key, err)
 
@@ -139,7 +142,7 @@ def test_two_processes_dp_fsdp_tp_match_one_process(shared):
     resume = {"run_dir": str(root / "one"), "layouts": [[1, 2, 1], [1, 1, 2]]}
     out = _launch(2, {**spec, "layouts": layouts, "grads": True, "comm": True, "resume_full": resume}, root, "two")
     assert set(out["losses"]) == {"2x1x1", "1x2x1", "1x1x2", "1x2x1x2", "1x1x2x2"}
-    _check(out, reference)
+    _check(out, reference, layouts)
     # a 1-process checkpoint (no dcp/) continues on FSDP=2 and on TP=2 with the 1-process next loss
     assert out["resume_full"] == pytest.approx({"1x2x1": reference[STEPS], "1x1x2": reference[STEPS]}, rel=1e-5)
     for layout in layouts[:3]:
@@ -161,7 +164,8 @@ def test_four_processes_2d_hsdp_and_dcp_resharding(shared):
     dcp = {"save": [1, 2, 2], "load": [[4, 1, 1], [1, 4, 1]], "steps": STEPS - 1, "run_dir": str(run_dir)}
     layouts = [[1, 2, 2], [2, 2, 1]]
     out = _launch(4, {**spec, "layouts": layouts, "grads": True, "comm": True, "dcp": dcp}, root, "four")
-    _check(out, reference)
+    assert set(out["losses"]) == {"1x2x2", "2x2x1"}  # FSDP=2 x TP=2 and HSDP=2x2
+    _check(out, reference, layouts)
     for layout in layouts:
         seen = out["comm"]["x".join(map(str, layout))]
         explained = _explained_calls(spec, data, Layout(*layout))

@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from posttrain_util import make_init_run, one_thread  # noqa: F401 (fixture)
 from scalelab.cli import main
 from scalelab.train import checkpoint as ckpt
@@ -22,8 +24,12 @@ def test_sft_rm_ppo_dpo_chain_from_the_command_line(tmp_path, capsys):
                  "--set", "ppo.n_prompts=30", "--set", 'ppo.critic_init="reward_model"']) == 0
     assert main(["dpo", "--init", str(sft), *_common(dpo), "--set", "dpo.steps=2", "--set", "dpo.n_pairs=30",
                  "--set", "dpo.batch_size=4"]) == 0
+    init_of = {sft: base, rm: sft, ppo: sft, dpo: sft}
     for run in (sft, rm, ppo, dpo):
-        assert ckpt.load_model(run) is not None
+        model, init = ckpt.load_model(run), ckpt.load_model(init_of[run])
+        assert model.config == init.config, run.name
+        moved = [n for n, p in init.state_dict().items() if not torch.equal(p, model.state_dict()[n])]
+        assert moved, f"{run.name}: the saved weights are the ones it started from"
         assert read_metrics(run / "metrics.jsonl")
         assert json.loads((run / "stage.json").read_text())["stage"] == run.name
     assert "run folder" in capsys.readouterr().out

@@ -139,7 +139,11 @@ def test_ppo_stage_writes_logs_and_a_loadable_policy(tmp_path):
     assert len(logs) == 2
     for key in ("reward", "kl", "response_length", "entropy", "value_loss", "clip_frac"):
         assert key in logs[0]
-    assert summary["exact_match_after"] is not None
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["exact_match_n"] > 0 for e in evals)
+    assert (summary["exact_match_before"], summary["exact_match_after"]) == (evals[0]["exact_match"],
+                                                                            evals[1]["exact_match"])
+    assert 0.0 <= summary["exact_match_after"] <= 1.0
     assert ckpt.load_model(out).config.block_size == 128
 
 

@@ -4,13 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import dev_import
 from posttrain_util import make_init_run, one_thread, post_overrides, tiny_model  # noqa: F401 (fixture)
 from scalelab.config import load_config
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.posttrain.chat import assistant_mask, prompt_ids, render_training
 from scalelab.posttrain.data import (
-    load_conversations, load_preferences, masked_targets, pack, tokenize_conversations,
+    load_conversations, load_hf_conversations, load_hf_preferences, load_preferences, masked_targets, pack,
+    tokenize_conversations,
 )
 from scalelab.posttrain.mixture import FAMILIES, instruction_mixture
 from scalelab.posttrain.sft import run_sft, sft_loss
@@ -172,8 +174,7 @@ def test_sft_run_lowers_the_loss_and_writes_a_loadable_run(tmp_path):
 
 
 def test_hf_datasets_are_read_with_the_same_checks(tmp_path):
-    pytest.importorskip("datasets")
-    from scalelab.posttrain.data import load_hf_conversations, load_hf_preferences
+    dev_import("datasets")
 
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": CHAT}) + "\n")

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import scalelab_cmd, subprocess_env, tiny_overrides
+from conftest import dev_import, scalelab_cmd, subprocess_env, tiny_overrides
 from scalelab.cli import main
 from scalelab.config import Config, load_config, to_toml
 from scalelab.errors import ScalelabError
@@ -124,7 +124,7 @@ def test_html_is_self_contained(tiny_run, synthetic, tmp_path):
 
 
 def test_html_renders_in_headless_chromium(tiny_run, synthetic, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = dev_import("playwright.sync_api")
     if not shutil.which(CHROMIUM):
         pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium chromium-driver)")
     _, html_path = write_report_card([tiny_run, synthetic / "dpo", synthetic / "sweep", synthetic / "study"],

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+from conftest import dev_import
 from scalelab.errors import ScalelabError
 from scalelab.scaling import (
     CHINCHILLA_PARAMS,
@@ -59,13 +60,15 @@ def chin():
 
 
 def test_chinchilla_recovers_known_constants(chin):
+    # Tolerances: about twice the worst error over noise seeds 1-4 (seed 1 here: E +0.8%, A +1.8%,
+    # B -0.6%, alpha +0.0014, beta -0.0001; seeds 2-4 at most E 1.4%, A 1.0%, B 2.2%, beta 0.0018).
     assert chin.n_points == 36
-    assert chin.E == pytest.approx(TRUE["E"], rel=0.03)
-    assert chin.alpha == pytest.approx(TRUE["alpha"], abs=0.05)
-    assert chin.beta == pytest.approx(TRUE["beta"], abs=0.05)
-    assert chin.A == pytest.approx(TRUE["A"], rel=0.25)
-    assert chin.B == pytest.approx(TRUE["B"], rel=0.25)
-    assert chin.rms < 0.006  # noise is 0.3% in log-loss
+    assert chin.E == pytest.approx(TRUE["E"], rel=0.025)
+    assert chin.alpha == pytest.approx(TRUE["alpha"], abs=0.004)
+    assert chin.beta == pytest.approx(TRUE["beta"], abs=0.004)
+    assert chin.A == pytest.approx(TRUE["A"], rel=0.04)
+    assert chin.B == pytest.approx(TRUE["B"], rel=0.045)
+    assert chin.rms < 0.0035  # noise is 0.3% in log-loss (seeds 1-4: rms 0.0026-0.0032)
 
 
 def test_chinchilla_bootstrap_intervals_cover_truth(chin):
@@ -79,7 +82,7 @@ def test_chinchilla_bootstrap_intervals_cover_truth(chin):
 def test_chinchilla_predictions(chin):
     N, D = np.array([1e6, 1e7]), np.array([1e8, 1e9])
     pred = chin.predict(N, D)
-    assert pred == pytest.approx(law(N, D), rel=0.01)
+    assert pred == pytest.approx(law(N, D), rel=0.002)  # seeds 1-4: at most 0.08% off
     assert isinstance(chin.predict(1e6, 1e8), float)
     lo, hi = chin.predict_interval(N, D)
     assert np.all(lo <= pred) and np.all(pred <= hi) and np.all(lo < hi)
@@ -120,7 +123,7 @@ def test_to_dict_is_json(chin):
 
 
 def test_dataframe_and_list_inputs_agree():
-    pd = pytest.importorskip("pandas")
+    pd = dev_import("pandas")
     rows = grid_runs(seed=2, n_sizes=4, n_tokens=4)
     a = fit_chinchilla(rows, n_bootstrap=0, n_starts=8)
     b = fit_chinchilla(pd.DataFrame(rows), n_bootstrap=0, n_starts=8)
@@ -136,9 +139,9 @@ def test_dataframe_and_list_inputs_agree():
 def test_isoflop_recovers_allocation_exponent():
     fit = fit_isoflop(isoflop_runs())
     assert fit.n_used == 9
-    assert fit.a == pytest.approx(TRUE_A, abs=0.02)
+    assert fit.a == pytest.approx(TRUE_A, abs=0.004)  # measured: 0.0009 off, standard error 0.0011
     assert fit.b == pytest.approx(1 - fit.a, abs=1e-9)  # D_opt = C / 6 N_opt
-    assert fit.a_stderr < 0.01
+    assert fit.a_stderr < 0.003
     assert all(r["vertex_inside"] for r in fit.table)
     row = fit.table[0]
     assert row["D_opt"] == pytest.approx(row["budget"] / (6 * row["N_opt"]))
@@ -176,10 +179,11 @@ def test_frontier_fit_extrapolates_to_held_out_compute():
     fit = fit_power_law_frontier(train)
     assert fit.form == "saturating" and fit.alpha > 0
     # The Chinchilla envelope decays as C^-(alpha beta / (alpha + beta)).
-    assert fit.alpha == pytest.approx(TRUE["alpha"] * TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), abs=0.02)
+    # measured: alpha 0.0006 off; the two held-out budgets 0.55% and 0.09% off
+    assert fit.alpha == pytest.approx(TRUE["alpha"] * TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), abs=0.003)
     for C in sorted({r["C"] for r in held}):
         best = min(r["loss"] for r in held if r["C"] == C)
-        assert fit.predict(C) == pytest.approx(best, rel=0.03)
+        assert fit.predict(C) == pytest.approx(best, rel=0.01)
     assert [r["C"] for r in fit.frontier] == sorted({r["C"] for r in train})
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import dev_import, tiny_overrides
 from scalelab.config import load_config
 from scalelab.errors import ScalelabError
 from scalelab.scaling import sweep
@@ -37,7 +37,7 @@ def test_sweep_runs_the_grid_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "train_one", lambda *a, **k: trained.append(a[1].name) or real(*a, **k))
     rows = sweep.run_sweep(cfg, progress=False)
     assert trained == ["d2_t1024"] and len(rows) == 4
-    pd = pytest.importorskip("pandas")
+    pd = dev_import("pandas")
     assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == 4
 
 

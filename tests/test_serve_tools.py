@@ -105,8 +105,9 @@ class _Served:
     def chat(self, **kw):
         return self.client.chat.completions.create(model=MODEL, temperature=0, **kw)
 
-    def chat_json(self, **kw) -> httpx.Response:
-        return self.http.post("/v1/chat/completions", json={"model": MODEL, "temperature": 0, **kw})
+    def chat_json(self, timeout: float | None = None, **kw) -> httpx.Response:
+        return self.http.post("/v1/chat/completions", json={"model": MODEL, "temperature": 0, **kw},
+                              timeout=timeout or httpx.USE_CLIENT_DEFAULT)
 
 
 @contextlib.contextmanager
@@ -222,8 +223,10 @@ def test_tool_output_counts_against_max_tokens(calc):
 def test_malicious_call_is_refused_and_the_request_completes():
     with _serve(_engine("<|assistant_start|><|tool_call_start|>open(0)<|tool_call_end|>",
                         "<|tool_output_end|> sad<|assistant_end|>")) as served:
-        t0 = time.perf_counter()
-        resp = served.chat_json(messages=ASK)
+        try:  # the hang guard: a request that never finishes fails here, with this message
+            resp = served.chat_json(messages=ASK, timeout=30)
+        except httpx.TimeoutException:
+            pytest.fail("a refused tool call left the request hanging for 30 s")
         assert resp.status_code == 200
         choice = resp.json()["choices"][0]
         [call] = choice["scalelab_tool_calls"]
@@ -234,7 +237,6 @@ def test_malicious_call_is_refused_and_the_request_completes():
         assert choice["finish_reason"] == "stop"
         assert TOK.decode(served.engine.prompts[-1]).endswith(
             "<|tool_output_start|>" + call["output"] + "<|tool_output_end|>")  # the model was told
-        assert time.perf_counter() - t0 < 30
         assert served.chat_json(messages=ASK).status_code == 200  # and the server keeps serving
 
 

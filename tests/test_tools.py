@@ -1,10 +1,14 @@
-import time
+import ast
+import math
 
 import pytest
 import torch
 
+from scalelab.infer import tools
+from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.infer.sample import SamplingParams
 from scalelab.infer.tools import (
+    MAX_INT_DIGITS,
     MAX_DEPTH,
     ToolCall,
     ToolError,
@@ -53,12 +57,60 @@ def test_calculator_arithmetic(expr, value):
         ("1 +", "not a valid"),
     ],
 )
-def test_calculator_refuses(expr, reason):
-    t0 = time.perf_counter()
+def test_calculator_refuses(expr, reason, arithmetic_log):
     with pytest.raises(ToolError, match=reason) as info:
         evaluate_expression(expr)
-    assert time.perf_counter() - t0 < 0.5  # refused up front, never computed
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value)  # refused up front: arithmetic_log fails the test on any big operation
+
+
+def _int_digits(x) -> float:
+    return x.bit_length() * math.log10(2) if isinstance(x, int) else 0.0
+
+
+def _result_digits(op, a, b) -> float:
+    """An upper bound on the digits of ``op(a, b)``, found without computing it (floats cost nothing)."""
+    if not (isinstance(a, int) and isinstance(b, int)):
+        return 0.0
+    if op is ast.Pow:
+        return b * _int_digits(a) if b > 0 and abs(a) > 1 else 1.0
+    if op is ast.Mult:
+        return _int_digits(a) + _int_digits(b) + 1
+    return max(_int_digits(a), _int_digits(b)) + 1
+
+
+# The biggest honest step: two 100-digit operands multiplied. Anything bigger is big-number work.
+SMALL_OP_DIGITS = 2 * MAX_INT_DIGITS + 1
+
+
+@pytest.fixture
+def arithmetic_log(monkeypatch):
+    """Every binary operation the calculator performs, as (op, a, b, result digits bound).
+
+    An operation over SMALL_OP_DIGITS is stopped before it runs (and fails the test), so a missing
+    limit check shows as a failure naming the operation rather than as a hang.
+    """
+    log = []
+    for op, fn in list(tools._BINARY.items()):
+        def recorded(a, b, op=op, fn=fn):
+            digits = _result_digits(op, a, b)
+            log.append((op, a, b, digits))
+            if digits > SMALL_OP_DIGITS:
+                raise AssertionError(f"the calculator started big-number work: {op.__name__} on {a!r}, {b!r}")
+            return fn(a, b)
+        monkeypatch.setitem(tools._BINARY, op, recorded)
+    return log
+
+
+def test_huge_power_is_refused_before_the_power_runs(arithmetic_log):
+    with pytest.raises(ToolError, match="exponent too large"):
+        evaluate_expression("2 ** 10 ** 10")
+    assert [(op, a, b) for op, a, b, _ in arithmetic_log] == [(ast.Pow, 10, 10)]  # 2 ** 10**10 never called
+
+
+def test_operation_log_sees_the_calculators_work(arithmetic_log):
+    """The log the refusal tests rely on does record what runs (it is not silently empty)."""
+    assert evaluate_expression("(10 ** 60) * 3 + 1") == str(3 * 10**60 + 1)
+    assert [op for op, *_ in arithmetic_log] == [ast.Pow, ast.Mult, ast.Add]
 
 
 def test_calculator_time_limit():
@@ -140,10 +192,9 @@ def test_tool_loop_with_real_sampler_feeds_result_back():
 
 
 def test_tool_loop_with_batched_engine():
-    engine_mod = pytest.importorskip("scalelab.infer.engine")
     tok = ByteTokenizer()
-    engine = engine_mod.Engine(_scripted_model(tok, "6*7", answer=" yes"), tok, max_batch=2)
-    params = engine_mod.GenerationParams(max_new_tokens=60, temperature=0.0, stop_token_ids=(tok.bos_id,))
+    engine = Engine(_scripted_model(tok, "6*7", answer=" yes"), tok, max_batch=2)
+    params = GenerationParams(max_new_tokens=60, temperature=0.0, stop_token_ids=(tok.bos_id,))
     run = run_with_tools(engine_generate_fn(engine), [tok.bos_id] + tok.encode("Sum?"), tok, params)
     assert run.calls == [ToolCall(request="6*7", output="42", ok=True)]
     assert tok.decode(run.tokens).endswith("<|tool_output_start|>42<|tool_output_end|> yes")

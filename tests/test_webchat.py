@@ -5,6 +5,7 @@ import shutil
 import httpx
 import pytest
 
+from conftest import dev_import
 from serve_util import API_KEY
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -12,7 +13,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = dev_import("playwright.sync_api")
 
 # Counts how many times the reply bubble's text changed before it was done: more than one means streamed.
 WATCH = """() => {

@@ -86,8 +86,10 @@ def run_harness(args) -> dict:
 
 def print_eval(ev: dict) -> None:
     """The summary of the classic evaluation (``scalelab eval RUN_DIR`` and the end of ``pretrain``)."""
+    from scalelab.evals.metrics import bits_vs_baseline  # like the rest of this file: torch loads only when run
+
     print(f"val loss {ev['val_loss']:.4f} nats/token | val bpb {ev['val_bpb']:.4f} | "
           f"{ev['ngram_order']}-gram KN bpb {ev['ngram_val_bpb']:.4f} "
-          f"({100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits than the baseline)")
+          f"({bits_vs_baseline(ev['bpb_improvement_over_ngram'])} than the baseline)")
     for name, t in ev.get("tasks", {}).items():
         print(f"  {name}: exact match {t['accuracy']:.3f} (n={t['n']})")

@@ -18,7 +18,7 @@ from scalelab.evals.tasks import normalize_answer
 
 __all__ = [
     "brier_score", "digit_credit", "levenshtein", "normalized_edit_distance", "normalize_answer", "exact_match",
-    "choice_index", "bits_per_byte", "rouge_l", "bleu", "sentence_bleu", "win_rate", "nanmean",
+    "choice_index", "bits_per_byte", "bits_vs_baseline", "rouge_l", "bleu", "sentence_bleu", "win_rate", "nanmean",
 ]
 
 
@@ -101,6 +101,13 @@ def bits_per_byte(token_logprobs: list[float], text: str) -> float:
     if n_bytes == 0 or not token_logprobs:
         return float("nan")
     return -sum(token_logprobs) / math.log(2) / n_bytes
+
+
+def bits_vs_baseline(improvement: float) -> str:
+    """``improvement`` = 1 - bpb / baseline bpb, in words: "30.8% fewer bits", or "37.8% more bits" when worse."""
+    if improvement < 0:
+        return f"{-100 * improvement:.1f}% more bits"
+    return f"{100 * improvement:.1f}% fewer bits"
 
 
 _ROUGE = None

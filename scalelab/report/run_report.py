@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from scalelab.evals.metrics import bits_vs_baseline
 from scalelab.evals.plots import plot_loss_curves
 from scalelab.evals.subtasks import plot_subtask_losses, saturation_steps, subtask_curves
 from scalelab.train.metrics import read_metrics
@@ -50,7 +51,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"| this GPT | {ev['val_loss']:.4f} | {ev['val_bpb']:.4f} |",
             f"| {ev['ngram_order']}-gram Kneser–Ney baseline | {ev['ngram_val_loss']:.4f} | {ev['ngram_val_bpb']:.4f} |",
             "",
-            f"The GPT needs {100 * ev['bpb_improvement_over_ngram']:.1f}% fewer bits per byte than the n-gram baseline. "
+            f"The GPT needs {bits_vs_baseline(ev['bpb_improvement_over_ngram'])} per byte than the n-gram baseline. "
             f"Tokenizer compression on validation text: {ev['tokenizer_bytes_per_token_val']:.2f} bytes/token.",
         ]
         if ev.get("tasks"):

@@ -8,6 +8,10 @@ form allows. Which form extrapolates better is an empirical question, so ``scale
 can forecast with both and report the spread between them as part of its interval
 (``scaling.forecast_forms``). Kaplan et al. fit without E; here E is free but may go to ~0.
 
+On runs far below N_c and D_c (every small sweep), E, N_c and D_c trade off against one another
+and are only weakly identified; the exponents and the forecast are what such data pin down, and
+the bootstrap intervals show the difference (tests/test_scaling_kaplan.py).
+
 The fit is the same robust recipe as the Chinchilla one (fit.py): Huber loss on log-loss residuals,
 L-BFGS-B from a grid of starts, bootstrap refits for intervals.
 """
