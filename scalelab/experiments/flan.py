@@ -36,7 +36,6 @@ from scalelab.posttrain.mixture import FAMILIES, instruction_mixture
 from scalelab.posttrain.sft import run_sft
 from scalelab.run import Run
 from scalelab.runtime import resolve_device
-from scalelab.train import checkpoint as ckpt
 
 SECTION = "flan"
 
@@ -178,7 +177,7 @@ def run_flan(cfg, fc: FlanConfig, overwrite: bool = False, log=print) -> dict:
                 scfg.run.progress = False
                 if not (out / name / "summary.json").is_file():
                     run_sft(scfg, base, overwrite=True)
-                model = ckpt.load_model(out / name, device)
+                model = Run.open(out / name).load_model(device)
             t = time.perf_counter()
             m = evaluate(model, init.tokenizer, records, fc.max_new_tokens)
             rows.append({"k": k, "families": list(fams), "run": name, **m})

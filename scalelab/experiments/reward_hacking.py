@@ -40,7 +40,6 @@ from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model, 
 from scalelab.posttrain.sft import run_sft
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
-from scalelab.train import checkpoint as ckpt
 
 SECTION = "reward_hacking"
 CONDITIONS = ("no_kl", "kl", "kl_length")
@@ -177,10 +176,10 @@ def run_reward_hacking(cfg, rc: RewardHackingConfig, overwrite: bool = False, lo
     if len(train_recs) < cfg.ppo.rollout_batch or not eval_recs:
         raise ScalelabError("too few prompts fit the model's context; raise model.block_size or lower max_new_tokens")
 
-    curves, policies = {}, {"sft": init_model, "dpo": ckpt.load_model(out / "dpo", device)}
+    curves, policies = {}, {"sft": init_model, "dpo": Run.open(out / "dpo").load_model(device)}
     for cond in rc.conditions:
         seed_everything(cfg.run.seed)
-        policy = ckpt.load_model(out / "sft", device)
+        policy = init.load_model(device)
         ppo = replace(cfg.ppo, kl_coef=0.0) if cond == "no_kl" else cfg.ppo
         reward = ShapedReward(scorer, rc.length_penalty if cond == "kl_length" else 0.0)
         critic = ScalarHeadModel(copy.deepcopy(policy)).to(device).train()
