@@ -8,7 +8,7 @@ import torch
 
 from scalelab.errors import ScalelabError
 from scalelab.evals import metrics as M
-from scalelab.evals.commands import print_eval
+from scalelab.cli.evals import print_eval
 from scalelab.evals.lm import ScorableLM
 from scalelab.experiments import emergence
 from scalelab.report import write_report

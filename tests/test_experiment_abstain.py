@@ -144,11 +144,13 @@ def test_tiny_pipeline_writes_results(tmp_path):
     out = tmp_path / "abstain"
     cfg, a = load_config_with_section(None, [
         "run.progress=false", "train.log_every=1", f'abstain.out_dir="{out}"', f'abstain.base_run="{base}"',
-        "abstain.sft_steps=2", "abstain.sft_batch_size=4", "abstain.rl_iterations=2", "abstain.rl_prompts=2",
-        "abstain.group_size=2", "abstain.max_new_tokens=4", "abstain.scorer_steps=5", "abstain.max_eval=4",
+        "sft.steps=2", "sft.batch_size=4", "sft.optim.lr=3e-4", "sft.optim.warmup_steps=10",
+        "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.minibatch_size=2", "grpo.max_new_tokens=4",
+        "grpo.optim.lr=5e-5", "grpo.kl_coef=0.02", "grpo.temperature=0.6", "grpo.scale_advantages=false",
+        "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=2",
+        "abstain.scorer_steps=5", "abstain.max_eval=4",
         "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b", "a"]', 'abstain.sweep_from=["b"]',
         'abstain.scorer_from="b"',
-        "abstain.dynamic_sampling=true", "abstain.max_refill_rounds=2",
     ], "abstain", ab.AbstainConfig)
     result = ab.run_abstain(cfg, a, log=lambda *_: None)
     names = list(result["conditions"])
@@ -185,7 +187,8 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     assert "unknown config key 'abstain.nope'" in err("abstain.nope=1")
     assert "sft_fraction" in err("abstain.sft_fraction=0.8")
     assert "abstain.unknown_sft_fraction" in err("abstain.unknown_sft_fraction=0.6", "abstain.unknown_rl_fraction=0.5")
-    assert "abstain.max_refill_rounds" in err("abstain.max_refill_rounds=-1")
+    assert "grpo.max_refill_rounds" in err("grpo.max_refill_rounds=-1")
+    assert "unknown config key 'abstain.rl_lr'" in err("abstain.rl_lr=1e-4")  # the stages' keys live in [sft], [grpo]
     # The default world has no unknown people: refused before any training.
     assert "unknown_fraction" in err("train.steps=1")
     base = _base_run(tmp_path / "known_only")

@@ -27,10 +27,10 @@ import copy
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from scalelab.config import GRPOConfig
+from scalelab.config import GRPOConfig, SFTConfig
 from scalelab.data.world import render_qa
 from scalelab.errors import ScalelabError
 from scalelab.evals.answer_scorer import LABELS, train_scorer
@@ -62,10 +62,9 @@ class AbstainConfig:
     # the same shares for unknown people; negative: as for known people
     unknown_sft_fraction: float = -1.0
     unknown_rl_fraction: float = -1.0
-    sft_steps: int = 160
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-4
-    sft_warmup_steps: int = 10
+    # SFT runs as the config's [sft] section (steps, batch_size, [sft.optim]) and RL as its [grpo] section
+    # (steps, prompts_per_step, group_size, minibatch_size, kl_coef, clip, temperature, max_new_tokens,
+    # scale_advantages, dynamic_sampling, max_refill_rounds, [grpo.optim]); the study sets the data and reward.
     rl_from: list[str] = field(default_factory=lambda: ["a", "b"])  # SFT conditions RL starts from
     # of those, the ones whose RL runs every abstain reward; the others run the first reward only (RL from (a)
     # never samples "I don't know", so every reward gives it the same policy: a sweep there only costs time)
@@ -73,20 +72,6 @@ class AbstainConfig:
     abstain_rewards: list[float] = field(default_factory=lambda: [0.0])  # the sweep; the first is the headline
     correct_reward: float = 1.0
     wrong_reward: float = -1.0
-    rl_iterations: int = 40
-    rl_prompts: int = 16  # prompts per iteration, each sampled group_size times
-    group_size: int = 4
-    rl_lr: float = 5e-5
-    kl_coef: float = 0.02
-    clip: float = 0.2
-    # false: advantages are reward minus group mean, so the abstain reward's size matters (see grpo.py)
-    scale_advantages: bool = False
-    # A near-greedy policy answers a question the same way in every sample: the group has one reward,
-    # zero advantage and no gradient. Dynamic sampling drops such groups and refills with new prompts.
-    dynamic_sampling: bool = False
-    max_refill_rounds: int = 4
-    temperature: float = 0.6
-    max_new_tokens: int = 16
     scorer: bool = True  # run condition (d)
     scorer_from: str = "b"  # SFT condition (d) starts from
     scorer_steps: int = 400
@@ -103,17 +88,13 @@ def validate(a: AbstainConfig) -> None:
          and sum(unknown_shares(a)) < 1,
          "abstain.unknown_sft_fraction and unknown_rl_fraction must be negative (as for known people) or in (0, 1), "
          "and leave unknown people for evaluation"),
-        (a.sft_steps >= 1 and a.sft_batch_size >= 1 and a.sft_lr > 0, "abstain.sft_steps, sft_batch_size and sft_lr must be positive"),
         (all(x in ("a", "b") for x in a.rl_from), "abstain.rl_from may only hold \"a\" and \"b\""),
         (all(x in ("a", "b") for x in a.sweep_from), "abstain.sweep_from may only hold \"a\" and \"b\""),
         (a.scorer_from in ("a", "b"), "abstain.scorer_from must be \"a\" or \"b\""),
         (len(a.abstain_rewards) >= 1, "abstain.abstain_rewards needs at least one value"),
         (a.wrong_reward < a.correct_reward and all(a.wrong_reward <= r <= a.correct_reward for r in a.abstain_rewards),
          "abstain rewards must lie between abstain.wrong_reward and abstain.correct_reward, wrong < correct"),
-        (a.rl_iterations >= 0 and a.rl_prompts >= 1 and a.group_size >= 2, "abstain.rl_iterations >= 0, rl_prompts >= 1, group_size >= 2"),
-        (a.rl_lr > 0 and a.kl_coef >= 0 and a.clip > 0 and a.temperature > 0, "abstain.rl_lr, clip, temperature must be positive, kl_coef >= 0"),
-        (a.max_new_tokens >= 1 and a.max_eval >= 0 and a.scorer_steps >= 1, "abstain.max_new_tokens and scorer_steps >= 1, max_eval >= 0"),
-        (a.max_refill_rounds >= 0, "abstain.max_refill_rounds must be >= 0"),
+        (a.max_eval >= 0 and a.scorer_steps >= 1, "abstain.scorer_steps must be >= 1 and abstain.max_eval >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -229,7 +210,7 @@ def qa_reply(tok, reply: str) -> list[int]:
 # -- stages -----------------------------------------------------------------------------------------------------
 
 
-def sft(base, tok, records: list[dict], a: AbstainConfig, train_cfg, seed: int, log_path: Path):
+def sft(base, tok, records: list[dict], stage: SFTConfig, train_cfg, seed: int, log_path: Path):
     """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss)."""
     model = copy.deepcopy(base).train()
     rows = []
@@ -237,8 +218,7 @@ def sft(base, tok, records: list[dict], a: AbstainConfig, train_cfg, seed: int, 
         p, y = qa_prompt(tok, r["question"]), qa_reply(tok, r["reply"])
         rows.append((p + y, [0] * len(p) + [1] * len(y)))
     ids, mask = pad_rows(rows, max(len(r[0]) for r in rows), tok.bos_id)
-    tcfg = replace(train_cfg, steps=a.sft_steps, batch_size=a.sft_batch_size, grad_accum=1,
-                   optim=replace(train_cfg.optim, lr=a.sft_lr, warmup_steps=a.sft_warmup_steps))
+    tcfg = common.stage_train_config(train_cfg, stage)
     opt = build_optimizer(model, tcfg.optim)
     batches = common.epoch_batches(len(ids), min(tcfg.batch_size, len(ids)), seed)
     device = next(model.parameters()).device
@@ -266,19 +246,19 @@ def replies(model, tok, items: list[dict], max_new_tokens: int) -> list[str]:
     return [o.text.strip() for o in outs]
 
 
-def evaluate(model, tok, ev: dict, a: AbstainConfig) -> dict:
+def evaluate(model, tok, ev: dict, max_new_tokens: int) -> dict:
     out = {}
     labels = {}
     for group in ("known", "unknown"):
         items = ev[group]
-        texts = replies(model, tok, items, a.max_new_tokens)
+        texts = replies(model, tok, items, max_new_tokens)
         labels[group] = [classify_answer(t, it["answer"]) for t, it in zip(texts, items)]
         out[f"examples_{group}"] = [{"q": it["question"], "answer": it["answer"], "reply": t, "class": c}
                                     for it, t, c in list(zip(items, texts, labels[group]))[:8]]
     return summarize(labels["known"], labels["unknown"]) | out
 
 
-def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, abstain_reward: float, seed: int, log_path: Path,
+def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, g: GRPOConfig, abstain_reward: float, seed: int, log_path: Path,
        judge=None):
     """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
 
@@ -296,12 +276,11 @@ def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, abstain_reward: 
         return value[verdict]
 
     policy = copy.deepcopy(init_model)
-    trainer = GRPOTrainer(policy, tok, reward, group_size=a.group_size,
-                          optim=replace(GRPOConfig().optim, lr=a.rl_lr), kl_coef=a.kl_coef, clip=a.clip,
-                          max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          minibatch_size=max(1, a.rl_prompts * a.group_size // 2), seed=seed, stop_strings=("\n",),
-                          scale_advantages=a.scale_advantages, dynamic_sampling=a.dynamic_sampling,
-                          max_refill_rounds=a.max_refill_rounds)
+    trainer = GRPOTrainer(policy, tok, reward, group_size=g.group_size, optim=g.optim, kl_coef=g.kl_coef, clip=g.clip,
+                          max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                          minibatch_size=g.minibatch_size or g.prompts_per_step * g.group_size, seed=seed,
+                          stop_strings=("\n",), scale_advantages=g.scale_advantages,
+                          dynamic_sampling=g.dynamic_sampling, max_refill_rounds=g.max_refill_rounds)
     rng = random.Random(f"abstain-rl-{seed}")
 
     def refill(n: int):
@@ -310,12 +289,12 @@ def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, abstain_reward: 
 
     history = []
     with open(log_path, "w", encoding="utf-8") as log:
-        for it in range(1, a.rl_iterations + 1):
-            batch = rng.sample(rl_items, min(a.rl_prompts, len(rl_items)))
+        for it in range(1, g.steps + 1):
+            batch = rng.sample(rl_items, min(g.prompts_per_step, len(rl_items)))
             stats = trainer.step([qa_prompt(tok, b["question"]) for b in batch], batch,
-                                 refill=refill if a.dynamic_sampling else None)
+                                 refill=refill if g.dynamic_sampling else None)
             texts = stats.pop("texts")
-            cls = [classify_answer(t, batch[j // a.group_size]["answer"]) for j, t in enumerate(texts)]
+            cls = [classify_answer(t, batch[j // g.group_size]["answer"]) for j, t in enumerate(texts)]
             stats |= {f"rollout_{c}": cls.count(c) / len(cls) for c in CLASSES}
             history.append(stats)
             log.write(json.dumps({"kind": "rl", "step": it, **stats}) + "\n")
@@ -365,7 +344,7 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
 
     def record(name, model, **extra):
         t = time.perf_counter()
-        conditions[name] = evaluate(model, tok, ev, a) | extra
+        conditions[name] = evaluate(model, tok, ev, cfg.grpo.max_new_tokens) | extra
         m = conditions[name]
         log(f"{name}: known acc {m['known_accuracy']:.3f} | unknown abstain {m['unknown_abstain']:.3f} "
             f"hallucination {m['unknown_hallucination']:.3f} (eval {time.perf_counter() - t:.0f}s)")
@@ -373,44 +352,44 @@ def run_abstain(cfg, a: AbstainConfig, overwrite: bool = False, log=print) -> di
     record("base", base)
     # The base model's memory, measured on the people post-training tunes on (their QA is in pretraining).
     sft_known_items = qa_items(world, groups["sft_known"])
-    base_tune = [classify_answer(r, it["answer"]) for r, it in zip(replies(base, tok, sft_known_items, a.max_new_tokens), sft_known_items)]
+    base_tune = [classify_answer(r, it["answer"]) for r, it in zip(replies(base, tok, sft_known_items, cfg.grpo.max_new_tokens), sft_known_items)]
     base_memory = base_tune.count("correct") / len(base_tune)
     log(f"base model, QA about SFT-split known people: exact match {base_memory:.3f}")
     models = {}
     for name, target in (("a", "answer"), ("b", "idk")):
         t = time.perf_counter()
-        models[name], loss = sft(base, tok, sft_records(world, groups, target), a, cfg.train, seed, out / f"sft_{name}.jsonl")
+        models[name], loss = sft(base, tok, sft_records(world, groups, target), cfg.sft, cfg.train, seed, out / f"sft_{name}.jsonl")
         timings[f"sft_{name}"] = time.perf_counter() - t
         record(name, models[name], sft_final_loss=loss)
-        rl_view[name] = evaluate(models[name], tok, rl_people, a)
+        rl_view[name] = evaluate(models[name], tok, rl_people, cfg.grpo.max_new_tokens)
     histories = {}
     for init_name in a.rl_from:
         for r in a.abstain_rewards if init_name in a.sweep_from else a.abstain_rewards[:1]:
             name = f"c[{init_name}, abstain={r:g}]"
             t = time.perf_counter()
-            policy, hist, _ = rl(models[init_name], tok, rl_items, a, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
+            policy, hist, _ = rl(models[init_name], tok, rl_items, a, cfg.grpo, r, seed, out / f"rl_{init_name}_{r:g}.jsonl")
             timings[name] = time.perf_counter() - t
             histories[name] = hist
             record(name, policy, init=init_name, abstain_reward=r, rl_reward_first=hist[0]["reward"] if hist else None,
                    rl_reward_last=hist[-1]["reward"] if hist else None)
-            rl_view[name] = evaluate(policy, tok, rl_people, a)
+            rl_view[name] = evaluate(policy, tok, rl_people, cfg.grpo.max_new_tokens)
     scorer_stats = {}
     if a.scorer:
         t = time.perf_counter()
         judge, scorer_stats = train_scorer(steps=a.scorer_steps, seed=seed)
         r = a.abstain_rewards[0]
         name = f"d[{a.scorer_from}, abstain={r:g}, judge]"
-        policy, hist, extra = rl(models[a.scorer_from], tok, rl_items, a, r, seed, out / f"rl_judge_{a.scorer_from}.jsonl", judge)
+        policy, hist, extra = rl(models[a.scorer_from], tok, rl_items, a, cfg.grpo, r, seed, out / f"rl_judge_{a.scorer_from}.jsonl", judge)
         timings[name] = time.perf_counter() - t
         histories[name] = hist
         record(name, policy, init=a.scorer_from, abstain_reward=r, **extra, **scorer_stats)
-        rl_view[name] = evaluate(policy, tok, rl_people, a)
+        rl_view[name] = evaluate(policy, tok, rl_people, cfg.grpo.max_new_tokens)
     for name, m in conditions.items():
         if name.startswith(("c[", "d[")):
             m["meets_target_vs_a"] = meets_target(m, conditions["a"], a.target_hallucination_cut, a.target_accuracy_drop)
     selected = headline_condition(a)
     timings["total"] = time.perf_counter() - t0
-    result = {"abstain": asdict(a), "world": asdict(world.cfg), "people": {k: len(v) for k, v in groups.items()},
+    result = {"abstain": asdict(a), "sft": asdict(cfg.sft), "grpo": asdict(cfg.grpo), "world": asdict(world.cfg), "people": {k: len(v) for k, v in groups.items()},
               "rl_people_view": rl_view, "selected": selected,
               "base_memory_sft_known": base_memory, "conditions": conditions, "rl_history": histories,
               "scorer": scorer_stats, "timings_seconds": timings, "base_run": str(base_dir)}
