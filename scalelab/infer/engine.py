@@ -31,6 +31,7 @@ import heapq
 import os
 import queue
 import threading
+import time
 import traceback
 import warnings
 from collections import deque
@@ -54,6 +55,15 @@ class GenerationParams(SamplingParams):
     # (with top_k=0, top_p=1, as GRPO samples, that is exactly the distribution drawn from).
     logprobs_at_temperature: bool = False
     truncate_prompt: bool = False  # opt in: keep the end of a prompt too long for the context
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens at each step, with theirs
+
+
+class QueueFull(ScalelabError):
+    """The waiting queue is at its limit: try again later."""
+
+
+class QueueTimeout(ScalelabError):
+    """A request waited longer than its queue timeout without being admitted."""
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[float] | None = None
     stop_logprob: float | None = None  # with logprobs: that of the stop token id that ended it (not in tokens)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # with top_logprobs: (token, logprob), likeliest first
 
 
 @dataclass
@@ -81,6 +92,7 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class Request:
@@ -92,6 +104,7 @@ class Request:
         self.results: list[Completion | None] = [None] * params.n
         self.error: BaseException | None = None
         self.cancelled = False
+        self.deadline: float | None = None  # time.monotonic() past which it leaves the queue unadmitted
         self._done = threading.Event()
         self._open = params.n
 
@@ -154,6 +167,7 @@ class _Seq:
     gen: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_logprob: float | None = None
     pending: int | None = None  # last sampled token, not yet in the cache
     sent: int = 0  # characters of text already streamed
@@ -186,10 +200,25 @@ class _DecodeAllSlots(torch.nn.Module):
         return self.model(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
 
 
+# tokens per second is measured over this many recent seconds
+RATE_WINDOW_S = 10.0
+
+
 class Engine:
-    def __init__(self, model, tokenizer, device=None, max_batch: int = 8, compile: bool = False):
+    """``max_waiting`` bounds the queue of requests not yet admitted (None: unbounded); past it,
+    :meth:`submit_many` raises :class:`QueueFull` rather than letting the queue, and every later
+    request's wait, grow without end."""
+
+    def __init__(self, model, tokenizer, device=None, max_batch: int = 8, compile: bool = False,
+                 max_waiting: int | None = None):
         if max_batch < 1:
             raise ScalelabError("max_batch must be at least 1")
+        if max_waiting is not None and max_waiting < 1:
+            raise ScalelabError("max_waiting must be at least 1")
+        self.max_waiting = max_waiting
+        self.tokens_generated = 0  # every sampled token since start (stop tokens included)
+        self.queue_timeouts = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for the rate
         self.model = model.eval()
         self.tokenizer = tokenizer
         p = next(model.parameters())
@@ -229,8 +258,12 @@ class Engine:
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ScalelabError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if params.truncate_prompt:
-            keep = max(1, self.context - params.max_new_tokens)
-            return list(prompt[-keep:])
+            # cut only a prompt that does not fit, and then leave the reply its tokens, or a quarter of
+            # the context when it asks for more (chat asks for the whole context by default)
+            reserve = max(1, min(params.max_new_tokens, self.context // 4))
+            if len(prompt) > self.context - reserve:
+                return list(prompt[-(self.context - reserve):])
+            return list(prompt)
         if len(prompt) > self.context:
             raise ScalelabError(
                 f"prompt of {len(prompt)} tokens is longer than the model's context of {self.context} "
@@ -239,15 +272,31 @@ class Engine:
         return list(prompt)
 
     def submit(self, prompt: list[int], params: GenerationParams, on_event: Callable | None = None,
-               prompt_index: int = 0) -> Request:
+               prompt_index: int = 0, queue_timeout: float | None = None, over_limit: bool = False) -> Request:
         """Queue one prompt (validated now, so errors reach the caller); it joins the batch at the next step."""
-        if params.seed is None:
-            params = GenerationParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(7), "little")})
-        req = Request(self.check(prompt, params), params, on_event, prompt_index)
+        return self.submit_many([(prompt, params, on_event, prompt_index)], queue_timeout, over_limit)[0]
+
+    def submit_many(self, items: list[tuple], queue_timeout: float | None = None,
+                    over_limit: bool = False) -> list[Request]:
+        """Queue (prompt, params, on_event, prompt_index) items all together or not at all.
+
+        Raises QueueFull when they would take the queue past ``max_waiting`` (``over_limit``
+        skips that check: a request already accepted continuing after a tool call). A request
+        still waiting ``queue_timeout`` seconds from now is closed with a QueueTimeout error."""
+        reqs = []
+        for prompt, params, on_event, prompt_index in items:
+            if params.seed is None:
+                params = GenerationParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(7), "little")})
+            reqs.append(Request(self.check(prompt, params), params, on_event, prompt_index))
+        deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
         with self._cv:
-            self._waiting.append(req)
+            if not over_limit and self.max_waiting is not None and len(self._waiting) + len(reqs) > self.max_waiting:
+                raise QueueFull(f"the server's queue is full ({self.max_waiting} requests waiting)")
+            for req in reqs:
+                req.deadline = deadline
+                self._waiting.append(req)
             self._cv.notify_all()
-        return req
+        return reqs
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Completion]:
         """Completions for every prompt, prompt-major: prompt i's samples are [i*n, (i+1)*n)."""
@@ -301,6 +350,13 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def tokens_per_second(self) -> float:
+        """Tokens sampled per second over the last RATE_WINDOW_S seconds."""
+        now = time.monotonic()
+        with self._cv:
+            recent = [(t, n) for t, n in self._recent if t > now - RATE_WINDOW_S]
+        return sum(n for _, n in recent) / RATE_WINDOW_S
+
     # -- scheduling ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -338,9 +394,25 @@ class Engine:
                 self._fail_running(e, [r for r, _ in admitted])
                 raise
 
+    def _drop_stale_waiting(self) -> None:
+        # anywhere in the queue, not just at its head: a bounded queue must not fill up with the dead
+        now = time.monotonic()
+        keep: deque[Request] = deque()
+        for req in self._waiting:
+            if req.cancelled:
+                req._close()
+            elif req.deadline is not None and now > req.deadline:
+                req.error = QueueTimeout("the request waited too long in the server's queue")
+                self.queue_timeouts += 1
+                req._close()
+            else:
+                keep.append(req)
+        self._waiting = keep
+
     def _admit(self) -> list[tuple[Request, list[int]]]:
         admitted = []
         with self._cv:
+            self._drop_stale_waiting()
             while self._waiting:
                 req = self._waiting[0]
                 if req.cancelled:
@@ -425,6 +497,12 @@ class Engine:
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()
+        now = time.monotonic()
+        with self._cv:
+            self.tokens_generated += len(seqs)
+            self._recent.append((now, len(seqs)))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
         greedy = [i for i, s in enumerate(seqs) if s.gen is None]
         chosen = [0] * len(seqs)
         if greedy:
@@ -442,25 +520,35 @@ class Engine:
                 chosen[i] = int(torch.multinomial(probs[r : r + 1], 1, generator=seqs[i].gen))
         want = [i for i, s in enumerate(seqs) if s.req.params.logprobs]
         lps: dict[int, float] = {}
+        tops: dict[int, list[tuple[int, float]]] = {}
         if want:
             rows = torch.tensor(want, device=logits.device)
             cols = torch.tensor([chosen[i] for i in want], device=logits.device)
             scale = torch.tensor([_logprob_temperature(seqs[i].req.params) for i in want], device=logits.device)
-            vals = (logits[rows] / scale[:, None]).log_softmax(-1)[torch.arange(len(want), device=logits.device), cols]
-            vals = vals.tolist()
+            logp = (logits[rows] / scale[:, None]).log_softmax(-1)
+            vals = logp[torch.arange(len(want), device=logits.device), cols].tolist()
             lps = dict(zip(want, vals))
+            k = min(max(seqs[i].req.params.top_logprobs for i in want), logp.shape[-1])
+            if k > 0:
+                top_vals, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))
+                for r, i in enumerate(want):
+                    ki = seqs[i].req.params.top_logprobs
+                    if ki > 0:
+                        tops[i] = list(zip(top_ids[r][:ki], top_vals[r][:ki]))
         for i, s in enumerate(seqs):
-            self._accept(s, chosen[i], lps.get(i))
+            self._accept(s, chosen[i], lps.get(i), tops.get(i))
 
-    def _accept(self, seq: _Seq, tok: int, lp: float | None) -> None:
+    def _accept(self, seq: _Seq, tok: int, lp: float | None, top: list[tuple[int, float]] | None = None) -> None:
         p = seq.req.params
         reason = None
         if tok in p.stop_token_ids:
-            reason, tok, lp, seq.stop_logprob = "stop", None, None, lp
+            reason, tok, lp, top, seq.stop_logprob = "stop", None, None, None, lp
         else:
             seq.tokens.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
+            if top is not None:
+                seq.top_logprobs.append(top)
         if reason is None and not p.stop_strings and seq.req.on_event is None and len(seq.tokens) < seq.max_new:
             # nobody reads this text before the end (no stream, no stop string): decode it once, then
             seq.pending = tok
@@ -475,13 +563,14 @@ class Engine:
         end = len(text) if reason else safe_text_end(text, p.stop_strings)
         delta = text[seq.sent : end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
-        seq.req._emit(TokenEvent(seq.index, tok, delta, lp, reason))
+        seq.req._emit(TokenEvent(seq.index, tok, delta, lp, reason, top))
         if reason is None:
             seq.pending = tok
             return
         seq.req.results[seq.index] = Completion(
             seq.req.prompt_index, seq.index, seq.tokens, text, reason, len(seq.req.prompt),
             seq.logprobs if p.logprobs else None, seq.stop_logprob,
+            seq.top_logprobs if p.logprobs and p.top_logprobs else None,
         )
         self._release(seq)
 
@@ -505,9 +594,11 @@ class Engine:
         for s in [s for s in self._running if s.req.cancelled]:
             if s.req.results[s.index] is None:
                 text = self.tokenizer.decode(s.tokens)
+                p = s.req.params
                 s.req.results[s.index] = Completion(
                     s.req.prompt_index, s.index, s.tokens, text, "cancelled", len(s.req.prompt),
-                    s.logprobs if s.req.params.logprobs else None,
+                    s.logprobs if p.logprobs else None, None,
+                    s.top_logprobs if p.logprobs and p.top_logprobs else None,
                 )
             self._release(s)
 
