@@ -186,7 +186,7 @@ def test_memories_survive_a_real_scalelab_serve_restart(tmp_path):
         assert r.status_code == 201, r.text
     finally:
         server.stop()
-    server = Server(run)
+    server = Server(run, "--memory-budget", "48")  # a 64-byte context's default quarter holds no memory
     try:
         data = httpx.get(server.url + "/v1/memories", timeout=10).json()["data"]
         assert [m["text"] for m in data] == ["Works night shifts."]

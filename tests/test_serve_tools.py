@@ -84,9 +84,9 @@ class _RecordingEngine(Engine):
         super().__init__(*args, **kw)
         self.prompts: list[list[int]] = []
 
-    def submit(self, prompt, params, on_event=None, prompt_index=0):
-        self.prompts.append(list(prompt))
-        return super().submit(prompt, params, on_event=on_event, prompt_index=prompt_index)
+    def submit_many(self, items, queue_timeout=None, over_limit=False):
+        self.prompts.extend(list(item[0]) for item in items)
+        return super().submit_many(items, queue_timeout, over_limit)
 
 
 def _engine(*chains: str, echo: bool = False, max_batch: int = 4) -> _RecordingEngine:
@@ -111,6 +111,7 @@ class _Served:
 
 @contextlib.contextmanager
 def _serve(engine: Engine, **kw):
+    kw.setdefault("max_per_caller", 16)  # the tests below send more requests at once than 2 x max_batch
     app = create_app(engine, model_name=MODEL, **kw)
     served = _Served(app)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(served.url.rsplit(":", 1)[1]),
