@@ -311,3 +311,15 @@ def test_top_logprobs_are_the_likeliest_tokens_and_include_a_greedy_choice():
         seq.append(tok)
     plain = Engine(model, TOK, max_batch=2).generate([PROMPTS[0]], GenerationParams(max_new_tokens=5, temperature=0))
     assert plain[0].top_logprobs is None and plain[0].tokens == out.tokens
+
+
+def test_a_free_slot_goes_to_the_owner_with_the_fewest_running():
+    eng = Engine(make_model(), TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=3, temperature=0)
+    busy = [eng.submit(p, params, owner="busy") for p in PROMPTS[:4]]  # a backlog from one caller
+    polite = eng.submit(PROMPTS[4], params, owner="polite")
+    eng.step()  # two slots: the busy caller's first request, then the polite caller's, ahead of the backlog
+    assert {s.req for s in eng._running} == {busy[0], polite}
+    while not all(r.done for r in busy):
+        eng.step()
+    assert [r.wait()[0].tokens for r in busy] == [r[0].tokens for r in (eng.generate([p], params) for p in PROMPTS[:4])]

@@ -52,12 +52,17 @@ class _GatedGPT(GPT):
 class _RecordingEngine(Engine):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.requests = []
+        self.requests, self.admitted = [], []
 
-    def submit_many(self, items, queue_timeout=None, over_limit=False):
-        reqs = super().submit_many(items, queue_timeout, over_limit)
+    def submit_many(self, items, queue_timeout=None, over_limit=False, owner=None):
+        reqs = super().submit_many(items, queue_timeout, over_limit, owner)
         self.requests.extend(reqs)
         return reqs
+
+    def _admit(self):
+        admitted = super()._admit()
+        self.admitted.extend(req.owner for req, _ in admitted)
+        return admitted
 
 
 def _engine(max_batch: int = 1, max_waiting: int | None = 2, block_size: int = 256) -> _RecordingEngine:
@@ -129,6 +134,23 @@ def test_one_caller_is_limited_without_holding_up_another():
         assert again.status_code == 429 and again.json()["error"]["code"] == "too_many_concurrent_requests"
         assert again.headers["retry-after"]
         assert _completion(url, KEYS[0]).status_code == 200  # the slot came back
+
+
+def test_another_callers_backlog_neither_turns_a_caller_away_nor_goes_first():
+    with _served(api_key=KEYS, max_per_caller=10) as (app, engine, url):  # max_batch 1, queue of 2
+        engine.model.gate.clear()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            alice = [pool.submit(_completion, url, KEYS[0])]
+            _wait_for(lambda: len(engine.requests) == 1 and engine.num_waiting == 0, "alice's first admission")
+            alice += [pool.submit(_completion, url, KEYS[0]) for _ in range(2)]
+            _wait_for(lambda: engine.num_waiting == 2, "alice's backlog to fill the queue")
+            assert _completion(url, KEYS[0]).json()["error"]["code"] == "queue_full"
+            bob = pool.submit(_completion, url, KEYS[1])  # his only request: it passes the full queue
+            _wait_for(lambda: engine.num_waiting == 3, "bob's request in the queue")
+            engine.model.gate.set()
+            assert bob.result().status_code == 200 and all(f.result().status_code == 200 for f in alice)
+        alice_id, bob_id = (r.owner for r in (engine.requests[0], engine.requests[-1]))
+        assert engine.admitted == [alice_id, bob_id, alice_id, alice_id]  # the free slot went to bob first
 
 
 def test_a_request_waiting_past_the_queue_timeout_gets_503():

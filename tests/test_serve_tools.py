@@ -82,9 +82,9 @@ class _RecordingEngine(Engine):
         super().__init__(*args, **kw)
         self.prompts: list[list[int]] = []
 
-    def submit_many(self, items, queue_timeout=None, over_limit=False):
+    def submit_many(self, items, queue_timeout=None, over_limit=False, owner=None):
         self.prompts.extend(list(item[0]) for item in items)
-        return super().submit_many(items, queue_timeout, over_limit)
+        return super().submit_many(items, queue_timeout, over_limit, owner)
 
 
 def _engine(*chains: str, echo: bool = False, max_batch: int = 4) -> _RecordingEngine:

@@ -10,6 +10,10 @@ Design
   forward pass of shape (B, 1)), retires the finished ones, then admits waiting
   requests into the free slots with one right-padded prefill. Requests thus join
   and leave a running batch between decode steps (continuous batching).
+- A free slot goes to the waiting request whose owner (the caller that sent
+  it; all None outside a server) has the fewest sequences running, and among
+  equals to the owner served longest ago: one caller's backlog does not stand
+  in front of everybody else's requests. Within one owner, first come, first served.
 - A prompt with ``n`` samples is prefilled once; its cache row is copied to the
   other samples' slots.
 - Each sample draws from its own ``torch.Generator`` seeded from the request's
@@ -105,6 +109,7 @@ class Request:
         self.error: BaseException | None = None
         self.cancelled = False
         self.deadline: float | None = None  # time.monotonic() past which it leaves the queue unadmitted
+        self.owner: str | None = None  # who asked: a free slot goes to the owner with the fewest running
         self._done = threading.Event()
         self._open = params.n
 
@@ -219,6 +224,8 @@ class Engine:
         self.tokens_generated = 0  # every sampled token since start (stop tokens included)
         self.queue_timeouts = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for the rate
+        self._admissions = 0
+        self._last_served: dict[str | None, int] = {}  # owner -> admission count when last admitted
         self.model = model.eval()
         self.tokenizer = tokenizer
         p = next(model.parameters())
@@ -272,12 +279,13 @@ class Engine:
         return list(prompt)
 
     def submit(self, prompt: list[int], params: GenerationParams, on_event: Callable | None = None,
-               prompt_index: int = 0, queue_timeout: float | None = None, over_limit: bool = False) -> Request:
+               prompt_index: int = 0, queue_timeout: float | None = None, over_limit: bool = False,
+               owner: str | None = None) -> Request:
         """Queue one prompt (validated now, so errors reach the caller); it joins the batch at the next step."""
-        return self.submit_many([(prompt, params, on_event, prompt_index)], queue_timeout, over_limit)[0]
+        return self.submit_many([(prompt, params, on_event, prompt_index)], queue_timeout, over_limit, owner)[0]
 
     def submit_many(self, items: list[tuple], queue_timeout: float | None = None,
-                    over_limit: bool = False) -> list[Request]:
+                    over_limit: bool = False, owner: str | None = None) -> list[Request]:
         """Queue (prompt, params, on_event, prompt_index) items all together or not at all.
 
         Raises QueueFull when they would take the queue past ``max_waiting`` (``over_limit``
@@ -293,7 +301,7 @@ class Engine:
             if not over_limit and self.max_waiting is not None and len(self._waiting) + len(reqs) > self.max_waiting:
                 raise QueueFull(f"the server's queue is full ({self.max_waiting} requests waiting)")
             for req in reqs:
-                req.deadline = deadline
+                req.deadline, req.owner = deadline, owner
                 self._waiting.append(req)
             self._cv.notify_all()
         return reqs
@@ -413,18 +421,26 @@ class Engine:
         admitted = []
         with self._cv:
             self._drop_stale_waiting()
+            running: dict[str | None, int] = {}
+            for s in self._running:
+                running[s.req.owner] = running.get(s.req.owner, 0) + 1
             while self._waiting:
-                req = self._waiting[0]
-                if req.cancelled:
-                    self._waiting.popleft()._close()
-                    continue
+                heads: dict[str | None, Request] = {}
+                for r in self._waiting:  # each owner's earliest request, in arrival order
+                    heads.setdefault(r.owner, r)
+                req = min(heads.values(), key=lambda r: (running.get(r.owner, 0), self._last_served.get(r.owner, -1)))
                 if req.params.max_new_tokens == 0 or len(req.prompt) >= self.context:
-                    self._waiting.popleft()
+                    self._waiting.remove(req)
                     self._finish_empty(req)
                     continue
                 if req.params.n > len(self._free):
-                    break  # first come, first served: later requests do not overtake a big one
-                self._waiting.popleft()
+                    break  # the chosen request waits for room: later ones do not overtake a big one
+                self._waiting.remove(req)
+                running[req.owner] = running.get(req.owner, 0) + req.params.n
+                self._admissions += 1
+                self._last_served[req.owner] = self._admissions
+                if len(self._last_served) > 4096:  # forget owners with nothing queued: their turn is spent
+                    self._last_served = {r.owner: self._last_served.get(r.owner, -1) for r in self._waiting}
                 admitted.append((req, [heapq.heappop(self._free) for _ in range(req.params.n)]))
         return admitted
 

@@ -30,7 +30,7 @@ from scalelab.infer.chat import chat_stop_ids, render_chat
 from scalelab.infer.engine import Engine, GenerationParams, QueueFull, QueueTimeout
 from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
-from scalelab.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
+from scalelab.serve.guard import CALLER_SCOPE_KEY, DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
 from scalelab.serve.limits import Admission, metrics_text, overloaded
 from scalelab.serve.memory import MemoryStore, build_memory_router, owner_of
 from scalelab.serve.protocol import (
@@ -224,11 +224,14 @@ def create_app(
         return await _respond(request, parsed, chat=True, headers={"X-Scalelab-Memories-Dropped": str(dropped)})
 
     async def _respond(request: Request, parsed: ParsedRequest, chat: bool, headers: dict | None = None):
-        owner = owner_of(request)
-        release = admission.acquire(owner)
+        caller = request.scope.get(CALLER_SCOPE_KEY, "local")
+        release = admission.acquire(caller)
         try:
-            run = _Run(engine, parsed, store.tool_handler(owner) if tools else None, max_tool_calls, queue_timeout)
-            run.start()
+            run = _Run(engine, parsed, store.tool_handler(owner_of(request)) if tools else None, max_tool_calls,
+                       queue_timeout, caller)
+            # a caller's only request may pass a full queue: the queue is then at most max_queue plus one
+            # request per caller, and a full queue of other callers' backlog never turns everybody away
+            run.start(over_limit=admission.in_flight[caller] == 1)
         except QueueFull as e:
             release()
             admission.reject("queue_full")
@@ -437,9 +440,9 @@ class _Run:
     """
 
     def __init__(self, engine: Engine, parsed: ParsedRequest, handler, max_tool_calls: int,
-                 queue_timeout: float | None = None):
+                 queue_timeout: float | None = None, caller: str | None = None):
         self.engine, self.tok, self.handler, self.max_tool_calls = engine, engine.tokenizer, handler, max_tool_calls
-        self.queue_timeout = queue_timeout
+        self.queue_timeout, self.caller = queue_timeout, caller
         self.prompts = parsed.prompts
         params = parsed.params
         if handler is not None:
@@ -455,9 +458,10 @@ class _Run:
         self.open = 0
 
     def _submit_all(self, items: list[tuple[list[int], GenerationParams, list[int], int]],
-                    continuing: bool = False) -> list[EngineRequest]:
-        """Queue (prompt, params, choice indices, prompt index) items together; a request that is
-        ``continuing`` after a tool call was admitted already and is not held to the queue limit."""
+                    over_limit: bool = False, continuing: bool = False) -> list[EngineRequest]:
+        """Queue (prompt, params, choice indices, prompt index) items together; ``over_limit`` ones
+        are not held to the queue limit, and a ``continuing`` one (after a tool call: admitted
+        already) neither to the limit nor to the queue timeout."""
         subs, specs = [], []
         for prompt, params, cis, prompt_index in items:
             sub = _Sub(cis)
@@ -471,7 +475,8 @@ class _Run:
             subs.append(sub)
             specs.append((prompt, params, on_event, prompt_index))
         # events are handled on this loop, so sub.req is set before the first one is read
-        reqs = self.engine.submit_many(specs, None if continuing else self.queue_timeout, over_limit=continuing)
+        reqs = self.engine.submit_many(specs, None if continuing else self.queue_timeout,
+                                       over_limit=over_limit or continuing, owner=self.caller)
         for sub, req in zip(subs, reqs):
             sub.req = req
             self.live.append(req)
@@ -480,12 +485,12 @@ class _Run:
                 self.choices[ci].sub = sub
         return reqs
 
-    def start(self) -> None:
+    def start(self, over_limit: bool = False) -> None:
         """Queue every prompt, or none (QueueFull when the engine's queue has no room for them all)."""
         n = self.params.n
         items = [(p, self.params, list(range(i * n, (i + 1) * n)), i) for i, p in enumerate(self.prompts)]
         try:
-            reqs = self._submit_all(items)
+            reqs = self._submit_all(items, over_limit)
         except QueueFull:
             raise
         except ScalelabError as e:

@@ -7,8 +7,9 @@
   rebinding page reaches the server under its own domain name, and is refused here.
 - A browser's ``Origin`` must be this server's own, or one of ``cors_origins``: any other web
   page is refused, whatever it sends.
-- Under ``/v1/``, a valid API key when keys are set; the key (or, without keys, the
-  ``X-Scalelab-User`` header) names the caller for per-caller limits and memories.
+- Under ``/v1/``, a valid API key when keys are set. The key is the caller, for limits and
+  memories alike. Without keys, limits go by client address and memories by the
+  ``X-Scalelab-User`` header (a client may name any user, so it cannot dodge limits with it).
 - A request with a body under ``/v1/`` must say it is JSON: an HTML form or a ``text/plain``
   ``fetch`` (the kinds a browser sends cross-site without asking) is refused.
 - The body is counted as it arrives, for every route, whether or not it gave a
@@ -34,6 +35,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from scalelab.errors import ScalelabError
 from scalelab.serve.memory import LOCAL_USER, OWNER_SCOPE_KEY
+
+CALLER_SCOPE_KEY = "scalelab.caller"  # who the per-caller limits and fair scheduling count
 from scalelab.serve.protocol import APIError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -140,6 +143,7 @@ class Guard:
                 return APIError(400, "X-Scalelab-User must be 1-64 letters, digits or _.@-", code="invalid_user")
             owner = user or LOCAL_USER
         scope[OWNER_SCOPE_KEY] = owner
+        scope[CALLER_SCOPE_KEY] = owner if self.keys else "client-" + (scope.get("client") or ("?",))[0]
         if scope["method"] in _BODY_METHODS:
             ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             if ctype != "application/json":
