@@ -145,7 +145,7 @@ def test_another_callers_backlog_neither_turns_a_caller_away_nor_goes_first():
             alice += [pool.submit(_completion, url, KEYS[0]) for _ in range(2)]
             _wait_for(lambda: engine.num_waiting == 2, "alice's backlog to fill the queue")
             assert _completion(url, KEYS[0]).json()["error"]["code"] == "queue_full"
-            bob = pool.submit(_completion, url, KEYS[1])  # his only request: it passes the full queue
+            bob = pool.submit(_completion, url, KEYS[1])  # within his share of the queue: he passes it
             _wait_for(lambda: engine.num_waiting == 3, "bob's request in the queue")
             engine.model.gate.set()
             assert bob.result().status_code == 200 and all(f.result().status_code == 200 for f in alice)
@@ -352,3 +352,18 @@ def test_metrics_are_prometheus_text():
         assert _metric(url, "scalelab_generated_tokens_total") == 3
         assert _metric(url, 'scalelab_responses_total{status="200"}') == 1
         assert json.loads(httpx.get(url + "/health").text)["status"] == "ok"
+
+
+def test_fair_share_of_the_queue():
+    from scalelab.serve.limits import Admission
+
+    a = Admission(per_caller=100)
+    releases = [a.acquire("heavy") for _ in range(30)]
+    assert a.within_fair_share("heavy", 32)  # alone: the whole queue is its share
+    a.acquire("light")
+    assert a.within_fair_share("light", 32) and not a.within_fair_share("heavy", 32)  # shares of 16 each
+    assert a.within_fair_share("heavy", None)  # no queue limit, nothing to share
+    for release in releases:
+        release()
+        release()  # a second release is a no-op
+    assert dict(a.in_flight) == {"light": 1}

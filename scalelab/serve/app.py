@@ -229,9 +229,7 @@ def create_app(
         try:
             run = _Run(engine, parsed, store.tool_handler(owner_of(request)) if tools else None, max_tool_calls,
                        queue_timeout, caller)
-            # a caller's only request may pass a full queue: the queue is then at most max_queue plus one
-            # request per caller, and a full queue of other callers' backlog never turns everybody away
-            run.start(over_limit=admission.in_flight[caller] == 1)
+            run.start(over_limit=admission.within_fair_share(caller, engine.max_waiting))
         except QueueFull as e:
             release()
             admission.reject("queue_full")

@@ -32,6 +32,15 @@ class Admission:
     def reject(self, reason: str | None) -> None:
         self.rejected[reason or "other"] += 1
 
+    def within_fair_share(self, owner: str, queue_limit: int | None) -> bool:
+        """Whether ``owner``'s requests in flight (this one included) are within its share of the queue,
+        the limit split evenly among the callers with requests in flight. Such a request may pass a
+        full queue: a queue full of other callers' backlog never turns a light caller away, and the
+        queue stays under twice its limit (the shares add up to the limit once more)."""
+        if queue_limit is None:
+            return True
+        return self.in_flight[owner] <= max(1, queue_limit // max(1, len(self.in_flight)))
+
     def acquire(self, owner: str):
         """Count one in-flight request of ``owner`` (429 when it has its limit already); returns the
         release, which may be called more than once."""
