@@ -33,7 +33,8 @@ from pathlib import Path
 import httpx
 
 from results_file import append_results
-from serve_load import build_run, env, free_port, scalelab
+import serve_load
+from serve_load import build_run
 
 GOOD_KEY = "good-user"
 HOSTILE_KEYS = [f"hostile-{i}" for i in range(4)]
@@ -55,24 +56,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(run: Path):
-    import subprocess
-
-    port = free_port()
     keys = sum((["--api-key", k] for k in [GOOD_KEY, *HOSTILE_KEYS]), [])
-    proc = subprocess.Popen(scalelab("serve", str(run), "--port", str(port), "--max-batch", str(MAX_BATCH), *keys,
-                                     "--header-timeout", str(HEADER_TIMEOUT_S)),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, port
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    proc, url = serve_load.start_server(run, MAX_BATCH, *keys, "--header-timeout", str(HEADER_TIMEOUT_S))
+    return proc, url, int(url.rsplit(":", 1)[1])
 
 
 class Tally:

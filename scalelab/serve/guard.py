@@ -49,8 +49,11 @@ WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 
 
 class BodyTooLarge(APIError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large")
+    def __init__(self, limit: int, unread: bool = False):
+        # a body still coming in past the drain cap: the connection closes after the answer, or the server
+        # would go on reading (and dropping) whatever the client sends
+        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large",
+                         headers={"Connection": "close"} if unread else None)
 
 
 def check_api_keys(keys: list[str]) -> list[str]:
@@ -97,14 +100,15 @@ def trusted_hosts(bind: str, extra: list[str] | None = None) -> tuple[set[str], 
     return names, False
 
 
-async def drain(receive, more: bool, seen: int, cap: int) -> None:
-    """Read and drop what is left of a body, up to ``cap`` bytes in all."""
+async def drain(receive, more: bool, seen: int, cap: int) -> bool:
+    """Read and drop what is left of a body, up to ``cap`` bytes in all; whether some is left unread."""
     while more and seen <= cap:
         msg = await receive()
         if msg["type"] != "http.request":
-            return
+            return False
         seen += len(msg.get("body", b""))
         more = msg.get("more_body", False)
+    return more
 
 
 class Guard:
@@ -159,12 +163,11 @@ class Guard:
         err = self._check(scope, headers)
         length = headers.get(b"content-length", b"")
         if err is None and length.isdigit() and int(length) > limit:
-            if int(length) <= cap:
-                await drain(receive, True, 0, cap)
-            err = BodyTooLarge(limit)
+            unread = int(length) > cap or await drain(receive, True, 0, cap)
+            err = BodyTooLarge(limit, unread)
         if err is not None:
             self.on_reject(err.code)
-            await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+            await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
             return
         seen = 0
 
@@ -174,9 +177,9 @@ class Guard:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    await drain(receive, msg.get("more_body", False), seen, cap)
+                    unread = await drain(receive, msg.get("more_body", False), seen, cap)
                     self.on_reject("body_too_large")
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, unread)
             return msg
 
         await self.app(scope, counted_receive, send)
