@@ -315,7 +315,10 @@ def test_overwrite_deletes_run_folders_only(tmp_path, monkeypatch):
     ckpt.remove_run_folder(run)
     (work / "empty").mkdir()
     ckpt.remove_run_folder(work / "empty")
-    assert not run.exists() and not (work / "empty").exists()
+    (work / "early" / "tokenizer").mkdir(parents=True)  # a run that died preparing its data: no config yet
+    (work / "early" / "world.json").write_text("{}")
+    ckpt.remove_run_folder(work / "early")
+    assert not run.exists() and not (work / "empty").exists() and not (work / "early").exists()
     assert sorted(p.name for p in work.iterdir()) == ["link", "notes.txt", "project"]
 
 

@@ -216,8 +216,15 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
+# what a run writes before its config.toml: a run that died while preparing its data holds only these
+_EARLY_RUN_ENTRIES = {"tokenizer", "data", "world.json", "checkpoints", "metrics.jsonl", "tb"}
+
+
 def _looks_like_run(path: Path) -> bool:
-    """A folder scalelab wrote: a config with a [run] table, or a checkpoints/ folder with checkpoints."""
+    """A folder scalelab wrote: a config with a [run] table, a checkpoints/ folder with checkpoints, or
+    nothing but what a run writes first."""
+    if all(child.name in _EARLY_RUN_ENTRIES for child in path.iterdir()):
+        return True
     try:
         if "run" in tomllib.loads((path / "config.toml").read_text(encoding="utf-8")):
             return True
