@@ -1,7 +1,7 @@
 """Serving under abuse: does `scalelab serve` keep answering its well-behaved users?
 
 One server on loopback (``--max-batch 8``, default queue and per-caller limits, five API keys:
-one well-behaved, four hostile). Two well-behaved clients send 16-token greedy /v1/completions
+one well-behaved, four hostile). Two well-behaved clients stream 16-token greedy /v1/completions
 requests one after another, first alone (the quiet baseline), then while, at the same time:
 
 - a burst of 10x the queue limit arrives at once from the hostile keys (non-streaming, 32 tokens);
@@ -77,21 +77,33 @@ def _auth(key: str) -> dict:
 
 async def good_client(client, model: str, stop_at: float, max_requests: int, reference: dict, latencies: list,
                       tally: Tally, cid: int) -> None:
+    """Streams, so the wait for a batch slot (time to the first token) shows apart from the decoding."""
     for i in range(max_requests):
         if time.perf_counter() >= stop_at:
             return
         prompt = PROMPTS[(cid + i) % len(PROMPTS)]
-        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        r = await client.post("/v1/completions", json=body, headers=_auth(GOOD_KEY))
-        tally.saw(r.status_code)
-        if r.status_code != 200:
-            continue
-        latencies.append(time.perf_counter() - t0)
-        choice = r.json()["choices"][0]
-        text = reference.setdefault(prompt, choice["text"])  # the quiet run fixes each prompt's answer
-        if choice["text"] != text or r.json()["usage"]["completion_tokens"] != 16:
-            tally.incomplete.append(f"good: {prompt!r} gave {choice['text']!r}, quiet gave {text!r}")
+        first, texts, usage, done = None, [], None, False
+        async with client.stream("POST", "/v1/completions", json=body, headers=_auth(GOOD_KEY)) as r:
+            tally.saw(r.status_code)
+            if r.status_code != 200:
+                await r.aread()
+                continue
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices"):
+                        first = first or time.perf_counter() - t0
+                        texts.append(chunk["choices"][0]["text"])
+                    usage = chunk.get("usage") or usage
+        latencies.append((time.perf_counter() - t0, first))
+        text = reference.setdefault(prompt, "".join(texts))  # the quiet run fixes each prompt's answer
+        if not done or "".join(texts) != text or not usage or usage["completion_tokens"] != 16:
+            tally.incomplete.append(f"good: {prompt!r} gave {''.join(texts)!r}, quiet gave {text!r}")
         else:
             tally.complete += 1
 
@@ -289,6 +301,8 @@ def main() -> None:
     hostile_total = sum(hostile.status.values())
     share_429 = hostile.status.get(429, 0) / max(1, hostile_total)
     reasons = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("scalelab_rejected_requests_total{")}
+    quiet_ttft, abuse_ttft = [f for _, f in quiet_lat], [f for _, f in abuse_lat]
+    quiet_lat, abuse_lat = [t for t, _ in quiet_lat], [t for t, _ in abuse_lat]
     p99_ratio = pct(abuse_lat, 0.99) / pct(quiet_lat, 0.99)
     rss_change = rss_after / rss_before - 1
     incomplete = quiet_tally.incomplete + good_tally.incomplete + hostile.incomplete
@@ -301,14 +315,17 @@ def main() -> None:
         f"abuse: a burst of {10 * queue_limit} requests (10x the queue limit, 32 tokens) from 4 hostile keys; 16 hostile "
         "clients looping on 200-token requests, half streaming, every other request left mid-way; 50 slow-header "
         f"connections; one {UPLOAD_BYTES >> 20} MB chunked upload to /v1/memories",
-        f"well-behaved 16-token requests (2 clients, greedy): quiet {len(quiet_lat)} requests, p50 "
+        f"well-behaved 16-token requests (2 clients, greedy, streamed): quiet {len(quiet_lat)} requests, p50 "
         f"{pct(quiet_lat, 0.5):.3f} s, p99 {pct(quiet_lat, 0.99):.3f} s; under abuse {len(abuse_lat)} requests, "
         f"p50 {pct(abuse_lat, 0.5):.3f} s, p99 {pct(abuse_lat, 0.99):.3f} s; p99 ratio {p99_ratio:.2f}x "
         f"(target < 3x: {'met' if p99_ratio < 3 else 'NOT met'}); well-behaved requests refused: "
-        f"{sum(n for s, n in good_tally.status.items() if s != 200)}",
+        f"{sum(n for s, n in good_tally.status.items() if s != 200)}; their time to first token (the wait for a "
+        f"slot, and the prefill): quiet p50 {pct(quiet_ttft, 0.5):.3f} s, p99 {pct(quiet_ttft, 0.99):.3f} s, "
+        f"under abuse p50 {pct(abuse_ttft, 0.5):.3f} s, p99 {pct(abuse_ttft, 0.99):.3f} s",
         f"hostile requests: {hostile_total} answered, {share_429:.0%} of them 429; rejections by reason (server "
         f"counters): {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}; client disconnects the server saw: "
-        f"{int(m.get('scalelab_client_disconnects_total', 0))}",
+        f"{int(m.get('scalelab_client_disconnects_total', 0))}; sequences parked to give a caller its share: "
+        f"{int(m.get('scalelab_preemptions_total', 0))}",
         f"HTTP statuses seen by clients: {dict(sorted(statuses.items()))}; 5xx: {fives} (target 0: "
         f"{'met' if fives == 0 else 'NOT met'})",
         f"admitted requests with a complete, correct answer: {quiet_tally.complete + good_tally.complete} "

@@ -323,3 +323,43 @@ def test_a_free_slot_goes_to_the_owner_with_the_fewest_running():
     while not all(r.done for r in busy):
         eng.step()
     assert [r.wait()[0].tokens for r in busy] == [r[0].tokens for r in (eng.generate([p], params) for p in PROMPTS[:4])]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_sequence_parked_for_another_owner_resumes_exactly(temperature):
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=10, temperature=temperature, seed=7, logprobs=True)
+    busy = [eng.submit(p, params, owner="busy") for p in PROMPTS[:2]]
+    eng.step()  # both slots to the busy owner
+    eng.step()
+    polite = eng.submit(PROMPTS[3], params, owner="polite")
+    eng.step()  # no slot free: one of busy's sequences is parked for the polite owner's first
+    assert eng.preemptions == 1 and polite in {s.req for s in eng._running} and len(eng._parked) == 1
+    while not all(r.done for r in (*busy, polite)):
+        eng.step()
+    assert eng.preemptions == 1 and not eng._parked and sorted(eng._free) == [0, 1]
+    alone = Engine(model, TOK, max_batch=1)
+    for req, prompt in zip((*busy, polite), (*PROMPTS[:2], PROMPTS[3])):
+        got, want = req.wait()[0], alone.generate([prompt], params)[0]
+        assert got.tokens == want.tokens and got.text == want.text and got.finish_reason == want.finish_reason
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_one_owner_is_never_parked_and_a_parked_sequence_can_be_cancelled():
+    eng = Engine(make_model(), TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+    reqs = [eng.submit(p, params) for p in PROMPTS[:3]]  # no owners: first come, first served, nothing parked
+    while not all(r.done for r in reqs):
+        eng.step()
+    assert eng.preemptions == 0
+    hogs = [eng.submit(p, params, owner="a") for p in PROMPTS[:2]]
+    eng.step()
+    late = eng.submit(PROMPTS[3], params, owner="b")
+    eng.step()
+    [parked] = eng._parked
+    parked.req.cancel()  # its client leaves while it has no slot
+    while not all(r.done for r in (*hogs, late)):
+        eng.step()
+    assert parked.req.wait()[0].finish_reason == "cancelled" and late.wait()[0].finish_reason == "length"
+    assert not eng._parked and eng.num_running == 0 and sorted(eng._free) == [0, 1]

@@ -60,9 +60,9 @@ class _RecordingEngine(Engine):
         return reqs
 
     def _admit(self):
-        admitted = super()._admit()
+        admitted, resumed = super()._admit()
         self.admitted.extend(req.owner for req, _ in admitted)
-        return admitted
+        return admitted, resumed
 
 
 def _engine(max_batch: int = 1, max_waiting: int | None = 2, block_size: int = 256) -> _RecordingEngine:

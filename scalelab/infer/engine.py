@@ -14,6 +14,12 @@ Design
   it; all None outside a server) has the fewest sequences running, and among
   equals to the owner served longest ago: one caller's backlog does not stand
   in front of everybody else's requests. Within one owner, first come, first served.
+- With no slot free, a request whose owner runs fewer sequences than another
+  owner by more than it needs takes a slot from that owner: the other owner's
+  least advanced sequence is parked (its slot freed; its tokens, sampler state
+  and streamed text kept) and later resumed by prefilling its prompt and
+  tokens again, so it goes on as if never stopped. Without owners (one user)
+  nothing is ever parked.
 - A prompt with ``n`` samples is prefilled once; its cache row is copied to the
   other samples' slots.
 - Each sample draws from its own ``torch.Generator`` seeded from the request's
@@ -235,6 +241,8 @@ class Engine:
         self.cache = SlotKVCache(model.config, max_batch, self.context, device=self.device, dtype=p.dtype)
         self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch a contiguous view
         self._running: list[_Seq] = []
+        self._parked: list[_Seq] = []  # preempted for another owner: no slot until resumed
+        self.preemptions = 0
         self._waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
@@ -358,6 +366,10 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
     def tokens_per_second(self) -> float:
         """Tokens sampled per second over the last RATE_WINDOW_S seconds."""
         now = time.monotonic()
@@ -370,7 +382,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._parked:
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -378,7 +390,7 @@ class Engine:
                 self.step()
             except Exception:  # already reported to the requests it failed; keep serving the others
                 traceback.print_exc()
-        for s in list(self._running):
+        for s in self._running + self._parked:
             s.req.cancel()
         self._retire_cancelled()
         with self._cv:
@@ -394,10 +406,12 @@ class Engine:
                 decoding = [s for s in self._running if s.pending is not None]
                 if decoding:
                     self._decode(decoding)
-                admitted = self._admit()
+                admitted, resumed = self._admit()
+                if resumed:
+                    self._resume(resumed)
                 if admitted:
                     self._prefill(admitted)
-                return bool(decoding or admitted)
+                return bool(decoding or admitted or resumed)
             except Exception as e:  # a bug or out-of-memory: fail the requests in flight, keep the engine usable
                 self._fail_running(e, [r for r, _ in admitted])
                 raise
@@ -417,32 +431,74 @@ class Engine:
                 keep.append(req)
         self._waiting = keep
 
-    def _admit(self) -> list[tuple[Request, list[int]]]:
-        admitted = []
+    def _admit(self) -> tuple[list[tuple[Request, list[int]]], list[_Seq]]:
+        """Requests to prefill into free slots, and parked sequences given a slot back (in _running already)."""
+        admitted, resumed = [], []
         with self._cv:
             self._drop_stale_waiting()
             running: dict[str | None, int] = {}
             for s in self._running:
                 running[s.req.owner] = running.get(s.req.owner, 0) + 1
-            while self._waiting:
-                heads: dict[str | None, Request] = {}
-                for r in self._waiting:  # each owner's earliest request, in arrival order
-                    heads.setdefault(r.owner, r)
-                req = min(heads.values(), key=lambda r: (running.get(r.owner, 0), self._last_served.get(r.owner, -1)))
-                if req.params.max_new_tokens == 0 or len(req.prompt) >= self.context:
-                    self._waiting.remove(req)
-                    self._finish_empty(req)
+            while self._waiting or self._parked:
+                heads: dict[str | None, Request | _Seq] = {}
+                for c in [*self._parked, *self._waiting]:  # each owner's earliest, parked ones first
+                    heads.setdefault(c.req.owner if isinstance(c, _Seq) else c.owner, c)
+                owner, c = min(heads.items(), key=lambda kv: (running.get(kv[0], 0), self._last_served.get(kv[0], -1)))
+                if isinstance(c, Request) and (c.params.max_new_tokens == 0 or len(c.prompt) >= self.context):
+                    self._waiting.remove(c)
+                    self._finish_empty(c)
                     continue
-                if req.params.n > len(self._free):
-                    break  # the chosen request waits for room: later ones do not overtake a big one
-                self._waiting.remove(req)
-                running[req.owner] = running.get(req.owner, 0) + req.params.n
+                need = 1 if isinstance(c, _Seq) else c.params.n
+                if need > len(self._free):
+                    if self._park_for(owner, need, running):
+                        continue
+                    break  # the chosen one waits for room: later ones do not overtake a big one
+                running[owner] = running.get(owner, 0) + need
                 self._admissions += 1
-                self._last_served[req.owner] = self._admissions
+                self._last_served[owner] = self._admissions
                 if len(self._last_served) > 4096:  # forget owners with nothing queued: their turn is spent
                     self._last_served = {r.owner: self._last_served.get(r.owner, -1) for r in self._waiting}
-                admitted.append((req, [heapq.heappop(self._free) for _ in range(req.params.n)]))
-        return admitted
+                if isinstance(c, _Seq):
+                    self._parked.remove(c)
+                    c.slot = heapq.heappop(self._free)
+                    self._running.append(c)
+                    resumed.append(c)
+                else:
+                    self._waiting.remove(c)
+                    admitted.append((c, [heapq.heappop(self._free) for _ in range(need)]))
+        return admitted, resumed
+
+    def _park_for(self, owner: str | None, need: int, running: dict) -> bool:
+        """Free a slot for ``owner`` by parking a sequence of the owner running the most, if that owner
+        would still run more than ``owner`` afterwards; False when no one is that far ahead."""
+        others = {o: n for o, n in running.items() if o != owner and n > 0}
+        if not others:
+            return False
+        victim_owner = max(others, key=others.get)
+        if others[victim_owner] <= running.get(owner, 0) + need:
+            return False
+        candidates = [s for s in self._running if s.req.owner == victim_owner and s.pending is not None]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: len(s.tokens))  # the least work to redo
+        self._running.remove(victim)
+        self.cache.release(victim.slot)
+        heapq.heappush(self._free, victim.slot)
+        victim.slot = -1
+        self._parked.append(victim)
+        running[victim_owner] -= 1
+        self.preemptions += 1
+        return True
+
+    def _resume(self, seqs: list[_Seq]) -> None:
+        """Rebuild parked sequences' caches: their prompt and tokens but the last, which is still pending."""
+        rows = [s.req.prompt + s.tokens[:-1] for s in seqs]
+        lengths = [len(r) for r in rows]
+        idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r)
+        self.cache.begin_prefill([s.slot for s in seqs], lengths)
+        self.model(idx.to(self.device), cache=self.cache)
 
     def _finish_empty(self, req: Request) -> None:
         for i in range(req.params.n):
@@ -599,15 +655,18 @@ class Engine:
         return seq.decoded_text
 
     def _release(self, seq: _Seq) -> None:
-        self._running.remove(seq)
-        self.cache.release(seq.slot)
-        heapq.heappush(self._free, seq.slot)
+        if seq.slot < 0:  # parked: it holds no slot
+            self._parked.remove(seq)
+        else:
+            self._running.remove(seq)
+            self.cache.release(seq.slot)
+            heapq.heappush(self._free, seq.slot)
         seq.req._open -= 1
         if seq.req._open == 0:
             seq.req._close()
 
     def _retire_cancelled(self) -> None:
-        for s in [s for s in self._running if s.req.cancelled]:
+        for s in [s for s in self._running + self._parked if s.req.cancelled]:
             if s.req.results[s.index] is None:
                 text = self.tokenizer.decode(s.tokens)
                 p = s.req.params
@@ -619,7 +678,7 @@ class Engine:
             self._release(s)
 
     def _fail_running(self, error: BaseException, admitting: list[Request]) -> None:
-        for s in list(self._running):
+        for s in self._running + self._parked:
             s.req.error = error
             self._release(s)
         for r in admitting:

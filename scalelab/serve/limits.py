@@ -82,6 +82,10 @@ def metrics_text(engine, admission: Admission) -> str:
            [("", round(engine.tokens_per_second(), 3))])
     metric("rejected_requests_total", "counter", "Requests refused before generation, by reason.",
            [(f'{{reason="{r}"}}', n) for r, n in sorted(admission.rejected.items())] or [('{reason="none"}', 0)])
+    metric("parked", "gauge", "Sequences parked to give another caller its share of the batch.",
+           [("", engine.num_parked)])
+    metric("preemptions_total", "counter", "Sequences parked for another caller since start.",
+           [("", engine.preemptions)])
     metric("queue_timeouts_total", "counter", "Engine requests that waited past the queue timeout.",
            [("", engine.queue_timeouts)])
     metric("responses_total", "counter", "Generation requests answered, by HTTP status.",
