@@ -450,7 +450,7 @@ class Engine:
                     continue
                 need = 1 if isinstance(c, _Seq) else c.params.n
                 if need > len(self._free):
-                    if self._park_for(owner, need, running):
+                    if self._park_for(owner, need, running, resumed):
                         continue
                     break  # the chosen one waits for room: later ones do not overtake a big one
                 running[owner] = running.get(owner, 0) + need
@@ -468,7 +468,7 @@ class Engine:
                     admitted.append((c, [heapq.heappop(self._free) for _ in range(need)]))
         return admitted, resumed
 
-    def _park_for(self, owner: str | None, need: int, running: dict) -> bool:
+    def _park_for(self, owner: str | None, need: int, running: dict, resumed: list[_Seq]) -> bool:
         """Free a slot for ``owner`` by parking a sequence of the owner running the most, if that owner
         would still run more than ``owner`` afterwards; False when no one is that far ahead."""
         others = {o: n for o, n in running.items() if o != owner and n > 0}
@@ -477,7 +477,9 @@ class Engine:
         victim_owner = max(others, key=others.get)
         if others[victim_owner] <= running.get(owner, 0) + need:
             return False
-        candidates = [s for s in self._running if s.req.owner == victim_owner and s.pending is not None]
+        # not one given its slot back in this same round: its cache is not rebuilt yet
+        candidates = [s for s in self._running
+                      if s.req.owner == victim_owner and s.pending is not None and s not in resumed]
         if not candidates:
             return False
         victim = min(candidates, key=lambda s: len(s.tokens))  # the least work to redo

@@ -184,8 +184,34 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await _admitted(request, _completion_request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _admitted(request, _chat_request, chat=True)
+
+    async def _admitted(request: Request, prepare, chat: bool):
+        """A generation request, refused with a 429 before any parsing or tokenizing when its caller is
+        over its limit or the queue is full: a burst costs the server little more than its bodies."""
         body = await read_json(request)
         check_model(body, model_name)
+        caller = request.scope.get(CALLER_SCOPE_KEY, "local")
+        release = admission.acquire(caller)
+        try:
+            past_full_queue = admission.within_fair_share(caller, engine.max_waiting)
+            if not past_full_queue and engine.max_waiting is not None and engine.num_waiting >= engine.max_waiting:
+                raise QueueFull(f"the server's queue is full ({engine.max_waiting} requests waiting)")
+            parsed, headers = await prepare(request, body)
+            return await _respond(request, parsed, chat, release, past_full_queue, headers)
+        except QueueFull as e:
+            release()
+            admission.reject("queue_full")
+            raise overloaded(f"{e}: try again shortly", "queue_full") from None
+        except BaseException:
+            release()
+            raise
+
+    async def _completion_request(request: Request, body: dict) -> tuple[ParsedRequest, dict | None]:
         parsed = parse_sampling(body, context, engine.max_batch, (tok.bos_id,), chat=False)
         truncate = parsed.params.truncate_prompt
         prompts = parse_completion_prompts(body, tok.vocab_size, engine.max_batch * PROMPTS_PER_SLOT // parsed.params.n)
@@ -195,12 +221,9 @@ def create_app(
             prompts = [[tok.bos_id] + ids for ids in await asyncio.to_thread(tok.encode_batch, texts)]
         parsed.prompts = prompts
         check_context(parsed.prompts, context, truncate, "prompt")
-        return await _respond(request, parsed, chat=False)
+        return parsed, None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request)
-        check_model(body, model_name)
+    async def _chat_request(request: Request, body: dict) -> tuple[ParsedRequest, dict | None]:
         parsed = parse_sampling(body, context, engine.max_batch, chat_stop_ids(tok), chat=True)
         messages = parse_messages(body)
         truncate = parsed.params.truncate_prompt
@@ -221,22 +244,15 @@ def create_app(
         admission.memories_dropped += dropped
         parsed.prompts = [prompt]
         check_context(parsed.prompts, context, truncate, "messages")
-        return await _respond(request, parsed, chat=True, headers={"X-Scalelab-Memories-Dropped": str(dropped)})
+        return parsed, {"X-Scalelab-Memories-Dropped": str(dropped)}
 
-    async def _respond(request: Request, parsed: ParsedRequest, chat: bool, headers: dict | None = None):
+    async def _respond(request: Request, parsed: ParsedRequest, chat: bool, release, past_full_queue: bool,
+                       headers: dict | None):
+        """Generation for an admitted request; ``release`` (its caller's slot) is called once it ends."""
         caller = request.scope.get(CALLER_SCOPE_KEY, "local")
-        release = admission.acquire(caller)
-        try:
-            run = _Run(engine, parsed, store.tool_handler(owner_of(request)) if tools else None, max_tool_calls,
-                       queue_timeout, caller)
-            run.start(over_limit=admission.within_fair_share(caller, engine.max_waiting))
-        except QueueFull as e:
-            release()
-            admission.reject("queue_full")
-            raise overloaded(f"{e}: try again shortly", "queue_full") from None
-        except BaseException:
-            release()
-            raise
+        run = _Run(engine, parsed, store.tool_handler(owner_of(request)) if tools else None, max_tool_calls,
+                   queue_timeout, caller)
+        run.start(over_limit=past_full_queue)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         shape = _Shape(rid, model_name, chat, parsed, tok)
         if parsed.stream:
