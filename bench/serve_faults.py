@@ -1,8 +1,9 @@
 """Serving under abuse: does `scalelab serve` keep answering its well-behaved users?
 
-One server on loopback (``--max-batch 8``, default queue and per-caller limits, five API keys:
-one well-behaved, four hostile). Two well-behaved clients stream 16-token greedy /v1/completions
-requests one after another, first alone (the quiet baseline), then while, at the same time:
+One server on loopback (``--max-batch 8``, default queue and per-caller limits, six API keys:
+two well-behaved users, four hostile). Each well-behaved user streams 16-token greedy
+/v1/completions requests one after another, first alone (the quiet baseline), then while, at the
+same time:
 
 - a burst of 10x the queue limit arrives at once from the hostile keys (non-streaming, 32 tokens);
 - hostile clients loop on 200-token requests, half streaming and half not, and half of them
@@ -13,7 +14,8 @@ requests one after another, first alone (the quiet baseline), then while, at the
 Reported: p50/p99 latency of the well-behaved requests, quiet and under abuse; the share of
 hostile requests answered 429 (by reason, from /metrics); any 5xx; the server's RSS before,
 at its peak during, and after the abuse; whether every admitted request got a complete answer
-(the well-behaved ones: the same text as in the quiet run, greedy); slow-header connections the
+(the well-behaved ones: the same text as in the quiet run, greedy; they run in a process of their own, so the
+hostile clients' work in this one does not delay their timing); slow-header connections the
 server closed; how the upload ended. Every loop is bounded in time and count, and the server is
 stopped at the end.
 
@@ -28,6 +30,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -36,7 +39,7 @@ from results_file import append_results
 import serve_load
 from serve_load import build_run
 
-GOOD_KEY = "good-user"
+GOOD_KEYS = ["good-0", "good-1"]
 HOSTILE_KEYS = [f"hostile-{i}" for i in range(4)]
 PROMPTS = ["Alice was born in", "The capital of", "Bob works as a", "Carol lives in"]
 MAX_BATCH = 8
@@ -56,7 +59,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(run: Path):
-    keys = sum((["--api-key", k] for k in [GOOD_KEY, *HOSTILE_KEYS]), [])
+    keys = sum((["--api-key", k] for k in [*GOOD_KEYS, *HOSTILE_KEYS]), [])
     proc, url = serve_load.start_server(run, MAX_BATCH, *keys, "--header-timeout", str(HEADER_TIMEOUT_S))
     return proc, url, int(url.rsplit(":", 1)[1])
 
@@ -86,7 +89,7 @@ async def good_client(client, model: str, stop_at: float, max_requests: int, ref
                 "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
         first, texts, usage, done = None, [], None, False
-        async with client.stream("POST", "/v1/completions", json=body, headers=_auth(GOOD_KEY)) as r:
+        async with client.stream("POST", "/v1/completions", json=body, headers=_auth(GOOD_KEYS[cid])) as r:
             tally.saw(r.status_code)
             if r.status_code != 200:
                 await r.aread()
@@ -212,8 +215,7 @@ async def chunked_upload(url: str) -> str:
         return f"{type(e).__name__} after {sent / 2**20:.0f} MiB sent"
 
 
-async def abuse(url: str, port: int, model: str, duration: float, queue_limit: int, tally: Tally,
-                good: tuple) -> dict:
+async def abuse(url: str, port: int, model: str, duration: float, queue_limit: int, tally: Tally) -> dict:
     stop_at = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
@@ -221,15 +223,23 @@ async def abuse(url: str, port: int, model: str, duration: float, queue_limit: i
                  for i in range(10 * queue_limit)]
         loops = [disconnect_loop(client, model, HOSTILE_KEYS[c % len(HOSTILE_KEYS)], stop_at, 200, tally, c)
                  for c in range(16)]
-        goods = [good_client(client, model, stop_at, 400, *good, c) for c in range(2)]
-        results = await asyncio.gather(slow_headers(port, 50, stop_at), chunked_upload(url), *burst, *loops, *goods)
+        results = await asyncio.gather(slow_headers(port, 50, stop_at), chunked_upload(url), *burst, *loops)
     return {"slow_closed": results[0], "upload": results[1]}
 
 
-async def quiet(url: str, model: str, duration: float, good: tuple) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        stop_at = time.perf_counter() + duration
-        await asyncio.gather(*(good_client(client, model, stop_at, 400, *good, c) for c in range(2)))
+def well_behaved(url: str, model: str, duration: float, reference: dict) -> tuple[list, Tally, dict]:
+    """The two well-behaved users, run in a process of their own: the hostile clients' work on this side
+    must not delay the timing of theirs."""
+    latencies, tally = [], Tally()
+
+    async def users():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            stop_at = time.perf_counter() + duration
+            await asyncio.gather(*(good_client(client, model, stop_at, 400, reference, latencies, tally, c)
+                                   for c in range(len(GOOD_KEYS))))
+
+    asyncio.run(users())
+    return latencies, tally, reference
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -248,19 +258,17 @@ def main() -> None:
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "serve_faults.md"))
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(1) as users:
         run = Path(args.run) if args.run else build_run(Path(tmp))
         proc, url, port = start_server(run)
         try:
-            model = httpx.get(url + "/v1/models", headers=_auth(GOOD_KEY)).json()["data"][0]["id"]
+            model = httpx.get(url + "/v1/models", headers=_auth(GOOD_KEYS[0])).json()["data"][0]["id"]
             queue_limit = httpx.get(url + "/health").json()["queue_limit"]
-            reference: dict[str, str] = {}
-            warm = Tally()
-            asyncio.run(quiet(url, model, 3.0, (reference, [], warm)))  # warm-up; fixes the reference answers
+            # a warm-up, which also fixes each prompt's reference answer
+            _, _, reference = users.submit(well_behaved, url, model, 3.0, {}).result()
             rss_before = rss_mb(proc.pid)
-            quiet_lat, quiet_tally = [], Tally()
-            asyncio.run(quiet(url, model, args.duration, (reference, quiet_lat, quiet_tally)))
-            abuse_lat, good_tally, hostile = [], Tally(), Tally()
+            quiet_lat, quiet_tally, _ = users.submit(well_behaved, url, model, args.duration, reference).result()
+            hostile = Tally()
             peak = [rss_before]
 
             async def watch_rss(stop: asyncio.Event):
@@ -271,14 +279,15 @@ def main() -> None:
             async def abuse_with_rss():
                 stop = asyncio.Event()
                 watcher = asyncio.create_task(watch_rss(stop))
-                out = await abuse(url, port, model, args.duration, queue_limit, hostile,
-                                  (reference, abuse_lat, good_tally))
+                out = await abuse(url, port, model, args.duration, queue_limit, hostile)
                 stop.set()
                 await watcher
                 return out
 
             t0 = time.perf_counter()
+            during = users.submit(well_behaved, url, model, args.duration, reference)
             out = asyncio.run(abuse_with_rss())
+            abuse_lat, good_tally, _ = during.result()
             abuse_wall = time.perf_counter() - t0
             deadline = time.time() + 60
             while time.time() < deadline:
@@ -308,14 +317,14 @@ def main() -> None:
     incomplete = quiet_tally.incomplete + good_tally.incomplete + hostile.incomplete
     lines = [
         f"model: {'run ' + args.run if args.run else 'demo shape (depth 4, width 256, BPE 2048, context 256), 10 training steps'}; "
-        f"server `scalelab serve --max-batch {MAX_BATCH} --header-timeout {HEADER_TIMEOUT_S}` with 5 API keys, "
+        f"server `scalelab serve --max-batch {MAX_BATCH} --header-timeout {HEADER_TIMEOUT_S}` with 6 API keys, "
         f"default limits (queue {queue_limit}, per caller {2 * MAX_BATCH}, queue timeout 60 s, body 1 MiB); "
         f"{args.duration:.0f} s quiet, then {args.duration:.0f} s of abuse ({abuse_wall:.1f} s until its last "
         "request ended)",
         f"abuse: a burst of {10 * queue_limit} requests (10x the queue limit, 32 tokens) from 4 hostile keys; 16 hostile "
         "clients looping on 200-token requests, half streaming, every other request left mid-way; 50 slow-header "
         f"connections; one {UPLOAD_BYTES >> 20} MB chunked upload to /v1/memories",
-        f"well-behaved 16-token requests (2 clients, greedy, streamed): quiet {len(quiet_lat)} requests, p50 "
+        f"well-behaved 16-token requests (2 users with a key each, one request at a time, greedy, streamed): quiet {len(quiet_lat)} requests, p50 "
         f"{pct(quiet_lat, 0.5):.3f} s, p99 {pct(quiet_lat, 0.99):.3f} s; under abuse {len(abuse_lat)} requests, "
         f"p50 {pct(abuse_lat, 0.5):.3f} s, p99 {pct(abuse_lat, 0.99):.3f} s; p99 ratio {p99_ratio:.2f}x "
         f"(target < 3x: {'met' if p99_ratio < 3 else 'NOT met'}); well-behaved requests refused: "
