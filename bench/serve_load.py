@@ -64,9 +64,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen(scalelab("serve", str(run), "--port", str(port), "--max-batch", str(max_batch)),
+    proc = subprocess.Popen(scalelab("serve", str(run), "--port", str(port), "--max-batch", str(max_batch), *extra),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,7 +133,7 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False, stages:
 def _claim_run_dir(run: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
     has_ckpt = ckpt.latest_checkpoint(run / CHECKPOINTS_DIR) is not None
     if overwrite and run.exists():
-        shutil.rmtree(run)
+        ckpt.remove_run_folder(run)
     elif has_ckpt and not resume:
         raise ScalelabError(
             f"run folder {run} already holds a checkpoint; pass --resume to continue it or --overwrite to start again"

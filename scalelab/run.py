@@ -144,7 +144,7 @@ class Run:
         if ckpt.latest_checkpoint(out / CHECKPOINTS_DIR) is not None:
             if not overwrite:
                 raise ScalelabError(f"run folder {out} already holds a checkpoint; pass --overwrite to start again")
-            shutil.rmtree(out)
+            ckpt.remove_run_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         # The token shards come along (small) so `scalelab eval` can measure what tuning cost on pretraining text.
         for name in (TOKENIZER_DIR, DATA_DIR):

@@ -165,6 +165,67 @@ def test_train_state_is_never_unpickled(tmp_path, monkeypatch):
         torch.load(state, weights_only=True)
 
 
+def test_the_latest_pointer_only_names_a_checkpoint_beside_it(tmp_path):
+    root = tmp_path / "ck"
+    _save(root, 2)
+    elsewhere = _save(tmp_path / "other", 9)
+    for bad in (str(elsewhere), "../other/step_000009", "step_000002/../../other/step_000009", "/"):
+        (root / "latest").write_text(bad + "\n")
+        assert ckpt.latest_checkpoint(root) == root / "step_000002", bad
+
+
+def test_a_meta_json_without_a_manifest_is_refused(tmp_path):
+    path = _save(tmp_path / "ck", 3)
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    for manifest in (None, {}, {ckpt.STATE_FILE: ckpt._sha256(path / ckpt.STATE_FILE)}):
+        (path / ckpt.META_FILE).write_text(json.dumps({**meta, "manifest": manifest}))
+        with pytest.raises(ScalelabError, match="cannot be verified, and is refused"):
+            ckpt.load_model(path)
+    escaping = {**meta["manifest"], "../../etc/passwd": "0" * 64}
+    (path / ckpt.META_FILE).write_text(json.dumps({**meta, "manifest": escaping}))
+    with pytest.raises(ScalelabError, match="outside the checkpoint"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_unknown_model_config_keys_are_a_one_line_error(tmp_path):
+    path = _save(tmp_path / "ck", 3)
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta["model_config"]["n_experts"] = 8
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ScalelabError, match="unknown model_config keys n_experts .*valid: .*block_size") as err:
+        ckpt.load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def _dcp_pair(seed: int):
+    model = _model() if seed == 0 else GPT(GPTConfig(vocab_size=64, block_size=16, depth=1, aspect_ratio=32,
+                                                     head_dim=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3 * (seed + 1))
+    if seed == 0:  # a step, so the optimizer has state to save
+        model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_dcp_checkpoints_load_without_unpickling_anything_else(tmp_path, monkeypatch):
+    from scalelab.parallel.state import load_dcp, save_dcp
+
+    monkeypatch.chdir(tmp_path)
+    model, optimizer = _dcp_pair(0)
+    save_dcp(tmp_path / "dcp", model, optimizer)
+    fresh, fresh_opt = _dcp_pair(1)
+    load_dcp(tmp_path / "dcp", fresh, fresh_opt)  # the restricted path still reads a real checkpoint
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(_Payload(), f)
+    with pytest.raises(ScalelabError, match="refusing to load .*posix.system is not part of") as err:
+        load_dcp(tmp_path / "dcp", fresh, fresh_opt)
+    assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+
+
 def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(run, steps=4, **{"train.ckpt_every": "2"}))
@@ -307,3 +368,45 @@ def test_sigkill_of_a_rank_mid_sharded_save_resumes_with_identical_losses(tmp_pa
     assert setups == [0, 6]
     assert (ckdir / "step_000012" / ckpt.SHARDED_DIR / ".metadata").is_file()
     assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]  # the torn write was cleaned up
+
+
+# -- --overwrite ------------------------------------------------------------------------------------------
+
+
+def test_overwrite_deletes_run_folders_only(tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (work / "notes.txt").write_text("precious")
+    for target, why in [(".", "the current folder"), ("..", "your home folder"), (home.parent, "a parent of your home"),
+                        ("/", "the filesystem root")]:
+        with pytest.raises(ScalelabError, match=f"refuses to delete .*{why}"):
+            ckpt.remove_run_folder(target)
+    project = work / "project"
+    project.mkdir()
+    (project / "config.toml").write_text('[tool]\nname = "not a run"\n')
+    with pytest.raises(ScalelabError, match="not a run folder"):
+        ckpt.remove_run_folder(project)
+    (work / "link").symlink_to(project)
+    with pytest.raises(ScalelabError, match="symbolic link"):
+        ckpt.remove_run_folder(work / "link")
+    assert (project / "config.toml").is_file() and (work / "notes.txt").read_text() == "precious"
+    run = work / "run"
+    _save(run / "checkpoints", 2)
+    ckpt.remove_run_folder(run)
+    (work / "empty").mkdir()
+    ckpt.remove_run_folder(work / "empty")
+    (work / "early" / "tokenizer").mkdir(parents=True)  # a run that died preparing its data: no config yet
+    (work / "early" / "world.json").write_text("{}")
+    ckpt.remove_run_folder(work / "early")
+    assert not run.exists() and not (work / "empty").exists() and not (work / "early").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["link", "notes.txt", "project"]
+
+
+def test_overwrite_of_the_working_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    r = subprocess.run(scalelab_cmd("pretrain", "--set", "run.out_dir=.", "--overwrite"), cwd=tmp_path,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "refuses to delete" in r.stderr and (tmp_path / "notes.txt").read_text() == "precious"

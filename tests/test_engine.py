@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scalelab.errors import ScalelabError
-from scalelab.infer.engine import Engine, GenerationParams, safe_text_end
+from scalelab.infer.engine import Engine, GenerationParams, QueueFull, QueueTimeout, safe_text_end
 from scalelab.infer.sample import SamplingParams, generate
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import CharTokenizer
@@ -254,3 +254,112 @@ def test_text_is_decoded_once_at_the_end_when_nobody_streams_it():
     (a,), (b,) = quiet.wait(), watched.wait()
     assert (a.tokens, a.text, a.finish_reason, a.logprobs) == (b.tokens, b.text, b.finish_reason, b.logprobs)
     assert a.text == tok.decode(a.tokens)
+
+
+def test_truncation_cuts_only_a_prompt_that_does_not_fit_and_leaves_room_for_the_reply():
+    eng = Engine(make_model(), TOK, max_batch=2)
+    short = PROMPTS[0]  # 6 tokens: fits, whatever the reply asks for
+    assert eng.check(short, GenerationParams(max_new_tokens=48, truncate_prompt=True)) == short
+    long = TOK.encode("abcdefghij" * 6, add_bos=True)
+    # a reply asking for the whole context gets a quarter of it, not 1 token
+    assert len(eng.check(long, GenerationParams(max_new_tokens=48, truncate_prompt=True))) == 48 - 12
+    assert eng.check(long, GenerationParams(max_new_tokens=4, truncate_prompt=True)) == long[-44:]
+
+
+def test_a_full_queue_refuses_new_requests_all_or_nothing():
+    eng = Engine(make_model(), TOK, max_batch=1, max_waiting=2)  # not started: nothing leaves the queue
+    params = GenerationParams(max_new_tokens=2)
+    eng.submit(PROMPTS[0], params)
+    with pytest.raises(QueueFull):
+        eng.submit_many([(p, params, None, i) for i, p in enumerate(PROMPTS[:2])])
+    assert eng.num_waiting == 1  # the refused pair left nothing behind
+    eng.submit(PROMPTS[1], params)
+    with pytest.raises(QueueFull, match="queue is full"):
+        eng.submit(PROMPTS[2], params)
+    cont = eng.submit(PROMPTS[2], params, over_limit=True)  # a request already accepted goes on
+    assert eng.num_waiting == 3 and not cont.done
+
+
+def test_cancelled_and_expired_requests_leave_the_queue_from_anywhere_in_it():
+    eng = Engine(make_model(), TOK, max_batch=1, max_waiting=4)
+    params = GenerationParams(max_new_tokens=3, temperature=0)
+    first = eng.submit(PROMPTS[0], params)
+    gone = eng.submit(PROMPTS[1], params)
+    late = eng.submit(PROMPTS[2], params, queue_timeout=0.0)
+    kept = eng.submit(PROMPTS[3], params, queue_timeout=3600)
+    gone.cancel()
+    eng.step()  # admits the first; the cancelled and the expired ones go, from behind the head
+    assert gone.done and late.done and isinstance(late.error, QueueTimeout)
+    assert eng.queue_timeouts == 1 and eng.num_waiting == 1 and not kept.done
+    while not (first.done and kept.done):
+        eng.step()
+    assert kept.wait()[0].finish_reason == "length" and eng.tokens_generated == 6
+
+
+def test_top_logprobs_are_the_likeliest_tokens_and_include_a_greedy_choice():
+    model = make_model()
+    params = GenerationParams(max_new_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    out = Engine(model, TOK, max_batch=2).generate([PROMPTS[0]], params)[0]
+    assert len(out.top_logprobs) == len(out.tokens) == 5
+    seq = list(PROMPTS[0])
+    for tok, lp, top in zip(out.tokens, out.logprobs, out.top_logprobs):
+        with torch.no_grad():
+            ref = model(torch.tensor([seq]))[0, -1].log_softmax(-1)
+        vals, ids = ref.topk(3)
+        assert [t for t, _ in top] == ids.tolist() and top[0] == (tok, pytest.approx(lp, abs=1e-5))
+        assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+        seq.append(tok)
+    plain = Engine(model, TOK, max_batch=2).generate([PROMPTS[0]], GenerationParams(max_new_tokens=5, temperature=0))
+    assert plain[0].top_logprobs is None and plain[0].tokens == out.tokens
+
+
+def test_a_free_slot_goes_to_the_owner_with_the_fewest_running():
+    eng = Engine(make_model(), TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=3, temperature=0)
+    busy = [eng.submit(p, params, owner="busy") for p in PROMPTS[:4]]  # a backlog from one caller
+    polite = eng.submit(PROMPTS[4], params, owner="polite")
+    eng.step()  # two slots: the busy caller's first request, then the polite caller's, ahead of the backlog
+    assert {s.req for s in eng._running} == {busy[0], polite}
+    while not all(r.done for r in busy):
+        eng.step()
+    assert [r.wait()[0].tokens for r in busy] == [r[0].tokens for r in (eng.generate([p], params) for p in PROMPTS[:4])]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_sequence_parked_for_another_owner_resumes_exactly(temperature):
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=10, temperature=temperature, seed=7, logprobs=True)
+    busy = [eng.submit(p, params, owner="busy") for p in PROMPTS[:2]]
+    eng.step()  # both slots to the busy owner
+    eng.step()
+    polite = eng.submit(PROMPTS[3], params, owner="polite")
+    eng.step()  # no slot free: one of busy's sequences is parked for the polite owner's first
+    assert eng.preemptions == 1 and polite in {s.req for s in eng._running} and len(eng._parked) == 1
+    while not all(r.done for r in (*busy, polite)):
+        eng.step()
+    assert eng.preemptions == 1 and not eng._parked and sorted(eng._free) == [0, 1]
+    alone = Engine(model, TOK, max_batch=1)
+    for req, prompt in zip((*busy, polite), (*PROMPTS[:2], PROMPTS[3])):
+        got, want = req.wait()[0], alone.generate([prompt], params)[0]
+        assert got.tokens == want.tokens and got.text == want.text and got.finish_reason == want.finish_reason
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_one_owner_is_never_parked_and_a_parked_sequence_can_be_cancelled():
+    eng = Engine(make_model(), TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+    reqs = [eng.submit(p, params) for p in PROMPTS[:3]]  # no owners: first come, first served, nothing parked
+    while not all(r.done for r in reqs):
+        eng.step()
+    assert eng.preemptions == 0
+    hogs = [eng.submit(p, params, owner="a") for p in PROMPTS[:2]]
+    eng.step()
+    late = eng.submit(PROMPTS[3], params, owner="b")
+    eng.step()
+    [parked] = eng._parked
+    parked.req.cancel()  # its client leaves while it has no slot
+    while not all(r.done for r in (*hogs, late)):
+        eng.step()
+    assert parked.req.wait()[0].finish_reason == "cancelled" and late.wait()[0].finish_reason == "length"
+    assert not eng._parked and eng.num_running == 0 and sorted(eng._free) == [0, 1]

@@ -177,7 +177,7 @@ def test_memories_survive_a_real_scalelab_serve_restart(tmp_path):
         assert r.status_code == 201, r.text
     finally:
         server.stop()
-    server = Server(run)
+    server = Server(run, "--memory-budget", "48")  # a 64-byte context's default quarter holds no memory
     try:
         data = httpx.get(server.url + "/v1/memories", timeout=10).json()["data"]
         assert [m["text"] for m in data] == ["Works night shifts."]
@@ -186,3 +186,47 @@ def test_memories_survive_a_real_scalelab_serve_restart(tmp_path):
     finally:
         server.stop()
     assert (run / "memory.sqlite").is_file()
+
+
+def test_model_written_memories_are_marked_and_owners_are_separate(tmp_path):
+    tok = ByteTokenizer()
+    start, end = tok.token_id("<|tool_call_start|>"), tok.token_id("<|tool_call_end|>")
+    outputs = iter([[start] + tok.encode("bio: Likes green tea.") + [end], tok.encode("Noted.")])
+    with MemoryStore(tmp_path / "m.sqlite") as store:
+        store.add("Lives in Lyon.", owner="ann")
+        run_with_tools(lambda t, p: next(outputs), [tok.bos_id], tok, SamplingParams(max_new_tokens=100),
+                       handler=store.tool_handler("ann"))
+        assert [(m["text"], m["source"]) for m in store.list("ann")] == [("Lives in Lyon.", "user"),
+                                                                         ("Likes green tea.", "model")]
+        [bio] = store.list("ann", source="model")
+        assert store.list("bob") == [] and store.context_block("bob") == ""
+        with pytest.raises(MemoryNotFound):
+            store.delete(bio["id"], owner="bob")
+        store.delete(bio["id"], owner="ann")
+        assert store.list("ann", source="model") == []
+
+
+def test_budget_keeps_the_newest_memories():
+    with MemoryStore(":memory:") as store:
+        for text in ("First.", "Second.", "Third."):
+            store.add(text)
+        count = len  # one token per character
+        assert store.fitted_block(budget=1000, count_tokens=count)[1:] == (3, 0)
+        block, kept, dropped = store.fitted_block(budget=len("Model set context:\n") + 2 * 11, count_tokens=count)
+        assert block == "Model set context:\n1. Second.\n2. Third.\n" and (kept, dropped) == (2, 1)
+        assert store.fitted_block(budget=5, count_tokens=count) == ("", 0, 3)
+
+
+def test_a_file_from_before_owners_keeps_its_memories_for_the_local_user(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE memories (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, "
+               "created_at REAL NOT NULL, updated_at REAL NOT NULL)")
+    db.execute("INSERT INTO memories (text, created_at, updated_at) VALUES ('Has a dog.', 0, 0)")
+    db.commit()
+    db.close()
+    with MemoryStore(path) as store:
+        assert [(m["text"], m["source"]) for m in store.list()] == [("Has a dog.", "user")]
+        assert store.list("someone-else") == []

@@ -12,17 +12,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import subprocess
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from conftest import scalelab_cmd, subprocess_env
-from serve_util import free_port
+from serve_util import serve_in_thread
 from scalelab.infer.engine import Engine
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.serve.app import create_app
@@ -84,9 +82,9 @@ class _RecordingEngine(Engine):
         super().__init__(*args, **kw)
         self.prompts: list[list[int]] = []
 
-    def submit(self, prompt, params, on_event=None, prompt_index=0):
-        self.prompts.append(list(prompt))
-        return super().submit(prompt, params, on_event=on_event, prompt_index=prompt_index)
+    def submit_many(self, items, queue_timeout=None, over_limit=False, owner=None):
+        self.prompts.extend(list(item[0]) for item in items)
+        return super().submit_many(items, queue_timeout, over_limit, owner)
 
 
 def _engine(*chains: str, echo: bool = False, max_batch: int = 4) -> _RecordingEngine:
@@ -96,9 +94,9 @@ def _engine(*chains: str, echo: bool = False, max_batch: int = 4) -> _RecordingE
 
 
 class _Served:
-    def __init__(self, app):
+    def __init__(self, app, url: str):
         self.app, self.engine, self.memory = app, app.state.engine, app.state.memory
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.url = url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
@@ -112,22 +110,14 @@ class _Served:
 
 @contextlib.contextmanager
 def _serve(engine: Engine, **kw):
+    kw.setdefault("max_per_caller", 16)  # the tests below send more requests at once than 2 x max_batch
     app = create_app(engine, model_name=MODEL, **kw)
-    served = _Served(app)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(served.url.rsplit(":", 1)[1]),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield served
-    finally:
-        served.http.close()
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(app) as url:
+        served = _Served(app, url)
+        try:
+            yield served
+        finally:
+            served.http.close()
 
 
 CALC = "<|assistant_start|><|tool_call_start|>6*7<|tool_call_end|>"

@@ -10,8 +10,13 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("run_dir", help="run folder (its latest checkpoint and tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("SCALELAB_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $SCALELAB_API_KEY, else none)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/; repeat for several callers, each with its own "
+                        "memories and limits (default: $SCALELAB_API_KEY, comma-separated, else none)")
+    p.add_argument("--allowed-host", action="append", default=None,
+                   help="a host name clients use to reach the server (Host header), besides the bound address")
+    p.add_argument("--cors-origin", action="append", default=None,
+                   help="a web origin (https://app.example) whose pages may call the API from a browser")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run folder's name)")
     p.add_argument("--memory", default=None, help="SQLite file for user memories (default: RUN_DIR/memory.sqlite)")
@@ -25,6 +30,16 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster decoding; the first request waits for the compile)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 1 MiB)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="prompts that may wait for a batch slot; past it requests get 429 (default 4 x max batch)")
+    p.add_argument("--max-per-caller", type=int, default=None,
+                   help="requests one API key (or user) may have in flight; past it 429 (default 2 x max batch)")
+    p.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait for a slot before a 503 (default 60)")
+    p.add_argument("--header-timeout", type=float, default=None,
+                   help="seconds a connection has to send its request headers (default 10)")
+    p.add_argument("--memory-budget", type=int, default=None,
+                   help="tokens of memories a new chat starts with, newest first (default: a quarter of the context)")
     return {"serve": _cmd_serve}
 
 
@@ -32,21 +47,34 @@ def _cmd_serve(args) -> None:
     import uvicorn
 
     from scalelab.errors import ScalelabError
-    from scalelab.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOOL_CALLS, create_app
+    from scalelab.serve.app import DEFAULT_MAX_TOOL_CALLS, DEFAULT_QUEUE_TIMEOUT_S, create_app
+    from scalelab.serve.guard import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, header_timeout_protocol
 
     if args.max_batch < 1 or args.threads < 1:
         raise ScalelabError("--max-batch and --threads must be at least 1")
     max_tool_calls = DEFAULT_MAX_TOOL_CALLS if args.max_tool_calls is None else args.max_tool_calls
     if max_tool_calls < 0:
         raise ScalelabError("--max-tool-calls must be at least 0")
+    for name in ("max_queue", "max_per_caller", "queue_timeout", "header_timeout", "memory_budget"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ScalelabError(f"--{name.replace('_', '-')} must be positive")
+    keys = args.api_key
+    if keys is None:
+        keys = [k.strip() for k in os.environ.get("SCALELAB_API_KEY", "").split(",") if k.strip()]
     import torch
 
     torch.set_num_threads(args.threads)
-    app = create_app(args.run_dir, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
+    app = create_app(args.run_dir, model_name=args.model_name, api_key=keys, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, memory=args.memory,
-                     tools=not args.no_tools, max_tool_calls=max_tool_calls, compile=args.compile)
+                     tools=not args.no_tools, max_tool_calls=max_tool_calls, compile=args.compile, host=args.host,
+                     allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_queue=args.max_queue,
+                     max_per_caller=args.max_per_caller, queue_timeout=args.queue_timeout or DEFAULT_QUEUE_TIMEOUT_S,
+                     memory_budget=args.memory_budget)
     engine = app.state.engine
     print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
-          f"tools {'off' if args.no_tools else 'on'}) "
-          f"at http://{args.host}:{args.port}/ {'with' if args.api_key else 'without'} an API key", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+          f"queue {engine.max_waiting}, tools {'off' if args.no_tools else 'on'}) "
+          f"at http://{args.host}:{args.port}/ {f'with {len(keys)} API key(s)' if keys else 'without an API key'}",
+          flush=True)
+    protocol = header_timeout_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=protocol)

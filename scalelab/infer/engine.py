@@ -10,6 +10,16 @@ Design
   forward pass of shape (B, 1)), retires the finished ones, then admits waiting
   requests into the free slots with one right-padded prefill. Requests thus join
   and leave a running batch between decode steps (continuous batching).
+- A free slot goes to the waiting request whose owner (the caller that sent
+  it; all None outside a server) has the fewest sequences running, and among
+  equals to the owner served longest ago: one caller's backlog does not stand
+  in front of everybody else's requests. Within one owner, first come, first served.
+- With no slot free, a request whose owner runs fewer sequences than another
+  owner by more than it needs takes a slot from that owner: the other owner's
+  least advanced sequence is parked (its slot freed; its tokens, sampler state
+  and streamed text kept) and later resumed by prefilling its prompt and
+  tokens again, so it goes on as if never stopped. Without owners (one user)
+  nothing is ever parked.
 - A prompt with ``n`` samples is prefilled once; its cache row is copied to the
   other samples' slots.
 - Each sample draws from its own ``torch.Generator`` seeded from the request's
@@ -31,6 +41,7 @@ import heapq
 import os
 import queue
 import threading
+import time
 import traceback
 import warnings
 from collections import deque
@@ -54,6 +65,15 @@ class GenerationParams(SamplingParams):
     # (with top_k=0, top_p=1, as GRPO samples, that is exactly the distribution drawn from).
     logprobs_at_temperature: bool = False
     truncate_prompt: bool = False  # opt in: keep the end of a prompt too long for the context
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens at each step, with theirs
+
+
+class QueueFull(ScalelabError):
+    """The waiting queue is at its limit: try again later."""
+
+
+class QueueTimeout(ScalelabError):
+    """A request waited longer than its queue timeout without being admitted."""
 
 
 @dataclass
@@ -69,6 +89,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[float] | None = None
     stop_logprob: float | None = None  # with logprobs: that of the stop token id that ended it (not in tokens)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # with top_logprobs: (token, logprob), likeliest first
 
 
 @dataclass
@@ -81,6 +102,7 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class Request:
@@ -92,6 +114,8 @@ class Request:
         self.results: list[Completion | None] = [None] * params.n
         self.error: BaseException | None = None
         self.cancelled = False
+        self.deadline: float | None = None  # time.monotonic() past which it leaves the queue unadmitted
+        self.owner: str | None = None  # who asked: a free slot goes to the owner with the fewest running
         self._done = threading.Event()
         self._open = params.n
 
@@ -154,6 +178,7 @@ class _Seq:
     gen: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_logprob: float | None = None
     pending: int | None = None  # last sampled token, not yet in the cache
     sent: int = 0  # characters of text already streamed
@@ -186,10 +211,27 @@ class _DecodeAllSlots(torch.nn.Module):
         return self.model(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
 
 
+# tokens per second is measured over this many recent seconds
+RATE_WINDOW_S = 10.0
+
+
 class Engine:
-    def __init__(self, model, tokenizer, device=None, max_batch: int = 8, compile: bool = False):
+    """``max_waiting`` bounds the queue of requests not yet admitted (None: unbounded); past it,
+    :meth:`submit_many` raises :class:`QueueFull` rather than letting the queue, and every later
+    request's wait, grow without end."""
+
+    def __init__(self, model, tokenizer, device=None, max_batch: int = 8, compile: bool = False,
+                 max_waiting: int | None = None):
         if max_batch < 1:
             raise ScalelabError("max_batch must be at least 1")
+        if max_waiting is not None and max_waiting < 1:
+            raise ScalelabError("max_waiting must be at least 1")
+        self.max_waiting = max_waiting
+        self.tokens_generated = 0  # every sampled token since start (stop tokens included)
+        self.queue_timeouts = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for the rate
+        self._admissions = 0
+        self._last_served: dict[str | None, int] = {}  # owner -> admission count when last admitted
         self.model = model.eval()
         self.tokenizer = tokenizer
         p = next(model.parameters())
@@ -199,6 +241,8 @@ class Engine:
         self.cache = SlotKVCache(model.config, max_batch, self.context, device=self.device, dtype=p.dtype)
         self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch a contiguous view
         self._running: list[_Seq] = []
+        self._parked: list[_Seq] = []  # preempted for another owner: no slot until resumed
+        self.preemptions = 0
         self._waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
@@ -229,8 +273,12 @@ class Engine:
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise ScalelabError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if params.truncate_prompt:
-            keep = max(1, self.context - params.max_new_tokens)
-            return list(prompt[-keep:])
+            # cut only a prompt that does not fit, and then leave the reply its tokens, or a quarter of
+            # the context when it asks for more (chat asks for the whole context by default)
+            reserve = max(1, min(params.max_new_tokens, self.context // 4))
+            if len(prompt) > self.context - reserve:
+                return list(prompt[-(self.context - reserve):])
+            return list(prompt)
         if len(prompt) > self.context:
             raise ScalelabError(
                 f"prompt of {len(prompt)} tokens is longer than the model's context of {self.context} "
@@ -239,15 +287,32 @@ class Engine:
         return list(prompt)
 
     def submit(self, prompt: list[int], params: GenerationParams, on_event: Callable | None = None,
-               prompt_index: int = 0) -> Request:
+               prompt_index: int = 0, queue_timeout: float | None = None, over_limit: bool = False,
+               owner: str | None = None) -> Request:
         """Queue one prompt (validated now, so errors reach the caller); it joins the batch at the next step."""
-        if params.seed is None:
-            params = GenerationParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(7), "little")})
-        req = Request(self.check(prompt, params), params, on_event, prompt_index)
+        return self.submit_many([(prompt, params, on_event, prompt_index)], queue_timeout, over_limit, owner)[0]
+
+    def submit_many(self, items: list[tuple], queue_timeout: float | None = None,
+                    over_limit: bool = False, owner: str | None = None) -> list[Request]:
+        """Queue (prompt, params, on_event, prompt_index) items all together or not at all.
+
+        Raises QueueFull when they would take the queue past ``max_waiting`` (``over_limit``
+        skips that check: a request already accepted continuing after a tool call). A request
+        still waiting ``queue_timeout`` seconds from now is closed with a QueueTimeout error."""
+        reqs = []
+        for prompt, params, on_event, prompt_index in items:
+            if params.seed is None:
+                params = GenerationParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(7), "little")})
+            reqs.append(Request(self.check(prompt, params), params, on_event, prompt_index))
+        deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
         with self._cv:
-            self._waiting.append(req)
+            if not over_limit and self.max_waiting is not None and len(self._waiting) + len(reqs) > self.max_waiting:
+                raise QueueFull(f"the server's queue is full ({self.max_waiting} requests waiting)")
+            for req in reqs:
+                req.deadline, req.owner = deadline, owner
+                self._waiting.append(req)
             self._cv.notify_all()
-        return req
+        return reqs
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Completion]:
         """Completions for every prompt, prompt-major: prompt i's samples are [i*n, (i+1)*n)."""
@@ -301,12 +366,23 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
+    def tokens_per_second(self) -> float:
+        """Tokens sampled per second over the last RATE_WINDOW_S seconds."""
+        now = time.monotonic()
+        with self._cv:
+            recent = [(t, n) for t, n in self._recent if t > now - RATE_WINDOW_S]
+        return sum(n for _, n in recent) / RATE_WINDOW_S
+
     # -- scheduling ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._parked:
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -314,7 +390,7 @@ class Engine:
                 self.step()
             except Exception:  # already reported to the requests it failed; keep serving the others
                 traceback.print_exc()
-        for s in list(self._running):
+        for s in self._running + self._parked:
             s.req.cancel()
         self._retire_cancelled()
         with self._cv:
@@ -330,31 +406,101 @@ class Engine:
                 decoding = [s for s in self._running if s.pending is not None]
                 if decoding:
                     self._decode(decoding)
-                admitted = self._admit()
+                admitted, resumed = self._admit()
+                if resumed:
+                    self._resume(resumed)
                 if admitted:
                     self._prefill(admitted)
-                return bool(decoding or admitted)
+                return bool(decoding or admitted or resumed)
             except Exception as e:  # a bug or out-of-memory: fail the requests in flight, keep the engine usable
                 self._fail_running(e, [r for r, _ in admitted])
                 raise
 
-    def _admit(self) -> list[tuple[Request, list[int]]]:
-        admitted = []
+    def _drop_stale_waiting(self) -> None:
+        # anywhere in the queue, not just at its head: a bounded queue must not fill up with the dead
+        now = time.monotonic()
+        keep: deque[Request] = deque()
+        for req in self._waiting:
+            if req.cancelled:
+                req._close()
+            elif req.deadline is not None and now > req.deadline:
+                req.error = QueueTimeout("the request waited too long in the server's queue")
+                self.queue_timeouts += 1
+                req._close()
+            else:
+                keep.append(req)
+        self._waiting = keep
+
+    def _admit(self) -> tuple[list[tuple[Request, list[int]]], list[_Seq]]:
+        """Requests to prefill into free slots, and parked sequences given a slot back (in _running already)."""
+        admitted, resumed = [], []
         with self._cv:
-            while self._waiting:
-                req = self._waiting[0]
-                if req.cancelled:
-                    self._waiting.popleft()._close()
+            self._drop_stale_waiting()
+            running: dict[str | None, int] = {}
+            for s in self._running:
+                running[s.req.owner] = running.get(s.req.owner, 0) + 1
+            while self._waiting or self._parked:
+                heads: dict[str | None, Request | _Seq] = {}
+                for c in [*self._parked, *self._waiting]:  # each owner's earliest, parked ones first
+                    heads.setdefault(c.req.owner if isinstance(c, _Seq) else c.owner, c)
+                owner, c = min(heads.items(), key=lambda kv: (running.get(kv[0], 0), self._last_served.get(kv[0], -1)))
+                if isinstance(c, Request) and (c.params.max_new_tokens == 0 or len(c.prompt) >= self.context):
+                    self._waiting.remove(c)
+                    self._finish_empty(c)
                     continue
-                if req.params.max_new_tokens == 0 or len(req.prompt) >= self.context:
-                    self._waiting.popleft()
-                    self._finish_empty(req)
-                    continue
-                if req.params.n > len(self._free):
-                    break  # first come, first served: later requests do not overtake a big one
-                self._waiting.popleft()
-                admitted.append((req, [heapq.heappop(self._free) for _ in range(req.params.n)]))
-        return admitted
+                need = 1 if isinstance(c, _Seq) else c.params.n
+                if need > len(self._free):
+                    if self._park_for(owner, need, running, resumed):
+                        continue
+                    break  # the chosen one waits for room: later ones do not overtake a big one
+                running[owner] = running.get(owner, 0) + need
+                self._admissions += 1
+                self._last_served[owner] = self._admissions
+                if len(self._last_served) > 4096:  # forget owners with nothing queued: their turn is spent
+                    self._last_served = {r.owner: self._last_served.get(r.owner, -1) for r in self._waiting}
+                if isinstance(c, _Seq):
+                    self._parked.remove(c)
+                    c.slot = heapq.heappop(self._free)
+                    self._running.append(c)
+                    resumed.append(c)
+                else:
+                    self._waiting.remove(c)
+                    admitted.append((c, [heapq.heappop(self._free) for _ in range(need)]))
+        return admitted, resumed
+
+    def _park_for(self, owner: str | None, need: int, running: dict, resumed: list[_Seq]) -> bool:
+        """Free a slot for ``owner`` by parking a sequence of the owner running the most, if that owner
+        would still run more than ``owner`` afterwards; False when no one is that far ahead."""
+        others = {o: n for o, n in running.items() if o != owner and n > 0}
+        if not others:
+            return False
+        victim_owner = max(others, key=others.get)
+        if others[victim_owner] <= running.get(owner, 0) + need:
+            return False
+        # not one given its slot back in this same round: its cache is not rebuilt yet
+        candidates = [s for s in self._running
+                      if s.req.owner == victim_owner and s.pending is not None and s not in resumed]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: len(s.tokens))  # the least work to redo
+        self._running.remove(victim)
+        self.cache.release(victim.slot)
+        heapq.heappush(self._free, victim.slot)
+        victim.slot = -1
+        self._parked.append(victim)
+        running[victim_owner] -= 1
+        self.preemptions += 1
+        return True
+
+    def _resume(self, seqs: list[_Seq]) -> None:
+        """Rebuild parked sequences' caches: their prompt and tokens but the last, which is still pending."""
+        rows = [s.req.prompt + s.tokens[:-1] for s in seqs]
+        lengths = [len(r) for r in rows]
+        idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r)
+        self.cache.begin_prefill([s.slot for s in seqs], lengths)
+        self.model(idx.to(self.device), cache=self.cache)
 
     def _finish_empty(self, req: Request) -> None:
         for i in range(req.params.n):
@@ -425,6 +571,12 @@ class Engine:
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()
+        now = time.monotonic()
+        with self._cv:
+            self.tokens_generated += len(seqs)
+            self._recent.append((now, len(seqs)))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
         greedy = [i for i, s in enumerate(seqs) if s.gen is None]
         chosen = [0] * len(seqs)
         if greedy:
@@ -442,25 +594,35 @@ class Engine:
                 chosen[i] = int(torch.multinomial(probs[r : r + 1], 1, generator=seqs[i].gen))
         want = [i for i, s in enumerate(seqs) if s.req.params.logprobs]
         lps: dict[int, float] = {}
+        tops: dict[int, list[tuple[int, float]]] = {}
         if want:
             rows = torch.tensor(want, device=logits.device)
             cols = torch.tensor([chosen[i] for i in want], device=logits.device)
             scale = torch.tensor([_logprob_temperature(seqs[i].req.params) for i in want], device=logits.device)
-            vals = (logits[rows] / scale[:, None]).log_softmax(-1)[torch.arange(len(want), device=logits.device), cols]
-            vals = vals.tolist()
+            logp = (logits[rows] / scale[:, None]).log_softmax(-1)
+            vals = logp[torch.arange(len(want), device=logits.device), cols].tolist()
             lps = dict(zip(want, vals))
+            k = min(max(seqs[i].req.params.top_logprobs for i in want), logp.shape[-1])
+            if k > 0:
+                top_vals, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))
+                for r, i in enumerate(want):
+                    ki = seqs[i].req.params.top_logprobs
+                    if ki > 0:
+                        tops[i] = list(zip(top_ids[r][:ki], top_vals[r][:ki]))
         for i, s in enumerate(seqs):
-            self._accept(s, chosen[i], lps.get(i))
+            self._accept(s, chosen[i], lps.get(i), tops.get(i))
 
-    def _accept(self, seq: _Seq, tok: int, lp: float | None) -> None:
+    def _accept(self, seq: _Seq, tok: int, lp: float | None, top: list[tuple[int, float]] | None = None) -> None:
         p = seq.req.params
         reason = None
         if tok in p.stop_token_ids:
-            reason, tok, lp, seq.stop_logprob = "stop", None, None, lp
+            reason, tok, lp, top, seq.stop_logprob = "stop", None, None, None, lp
         else:
             seq.tokens.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
+            if top is not None:
+                seq.top_logprobs.append(top)
         if reason is None and not p.stop_strings and seq.req.on_event is None and len(seq.tokens) < seq.max_new:
             # nobody reads this text before the end (no stream, no stop string): decode it once, then
             seq.pending = tok
@@ -475,13 +637,14 @@ class Engine:
         end = len(text) if reason else safe_text_end(text, p.stop_strings)
         delta = text[seq.sent : end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
-        seq.req._emit(TokenEvent(seq.index, tok, delta, lp, reason))
+        seq.req._emit(TokenEvent(seq.index, tok, delta, lp, reason, top))
         if reason is None:
             seq.pending = tok
             return
         seq.req.results[seq.index] = Completion(
             seq.req.prompt_index, seq.index, seq.tokens, text, reason, len(seq.req.prompt),
             seq.logprobs if p.logprobs else None, seq.stop_logprob,
+            seq.top_logprobs if p.logprobs and p.top_logprobs else None,
         )
         self._release(seq)
 
@@ -494,25 +657,30 @@ class Engine:
         return seq.decoded_text
 
     def _release(self, seq: _Seq) -> None:
-        self._running.remove(seq)
-        self.cache.release(seq.slot)
-        heapq.heappush(self._free, seq.slot)
+        if seq.slot < 0:  # parked: it holds no slot
+            self._parked.remove(seq)
+        else:
+            self._running.remove(seq)
+            self.cache.release(seq.slot)
+            heapq.heappush(self._free, seq.slot)
         seq.req._open -= 1
         if seq.req._open == 0:
             seq.req._close()
 
     def _retire_cancelled(self) -> None:
-        for s in [s for s in self._running if s.req.cancelled]:
+        for s in [s for s in self._running + self._parked if s.req.cancelled]:
             if s.req.results[s.index] is None:
                 text = self.tokenizer.decode(s.tokens)
+                p = s.req.params
                 s.req.results[s.index] = Completion(
                     s.req.prompt_index, s.index, s.tokens, text, "cancelled", len(s.req.prompt),
-                    s.logprobs if s.req.params.logprobs else None,
+                    s.logprobs if p.logprobs else None, None,
+                    s.top_logprobs if p.logprobs and p.top_logprobs else None,
                 )
             self._release(s)
 
     def _fail_running(self, error: BaseException, admitting: list[Request]) -> None:
-        for s in list(self._running):
+        for s in self._running + self._parked:
             s.req.error = error
             self._release(s)
         for r in admitting:

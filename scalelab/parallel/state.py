@@ -9,10 +9,17 @@ full weights) for every single-process tool.
 
 Keys are fully qualified parameter names ("blocks.0.attn.q_proj.weight") for both the
 model and the optimizer, so they do not depend on the wrapping.
+
+DCP pickles two things: the ``.metadata`` index, and the non-tensor values of the state (the
+optimizer's hyperparameters). Stock ``dcp.load`` unpickles both without limits, so a crafted
+checkpoint could run code. Here the index goes through an unpickler that builds only DCP's own
+metadata classes, ``torch.Size``, dtypes and paths, and the values go through
+``torch.load(weights_only=True)``; anything else is refused with a ScalelabError.
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -28,6 +35,71 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+
+from scalelab.errors import ScalelabError
+
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                 ("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds a DCP index and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in _DCP_METADATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and obj.__module__ == module:  # a class DCP defines, not one it imported
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def _safe_reader(folder: str | Path):
+    """A DCP reader whose index is read, through the restricted unpickler, now: a refusal is a plain
+    ScalelabError here rather than an exception wrapped inside DCP's collective machinery."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = self.checked_metadata
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = SafeFileSystemReader(str(folder))
+    path = reader._get_metadata_path()
+    try:
+        with reader.fs.create_stream(path, "rb") as f:
+            reader.checked_metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError, OSError) as e:
+        raise ScalelabError(f"refusing to load {path}: {e}") from None
+    return reader
+
+
+def _safe_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = (str(e).strip().splitlines() or ["not a plain value"])[0]
+                raise ScalelabError(f"refusing a non-tensor value in a DCP checkpoint: {first}") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return WeightsOnlyLoadPlanner()
 
 def _options(**kw):
     return StateDictOptions(**kw)
@@ -51,7 +123,7 @@ def load_dcp(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.
     # DCP reads in place into the tensors it is given: each rank gets exactly its own slices.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, storage_reader=_safe_reader(folder), planner=_safe_planner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

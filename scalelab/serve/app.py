@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -22,99 +21,100 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalelab.errors import ScalelabError
 from scalelab.infer.chat import chat_stop_ids, render_chat
-from scalelab.infer.engine import Engine, GenerationParams
+from scalelab.infer.engine import Engine, GenerationParams, QueueFull, QueueTimeout
 from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
 from scalelab.run import Run
 from scalelab.runtime import resolve_device
-from scalelab.serve.memory import MemoryStore, build_memory_router
+from scalelab.serve.guard import CALLER_SCOPE_KEY, DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
+from scalelab.serve.limits import Admission, metrics_text, overloaded
+from scalelab.serve.memory import MemoryStore, build_memory_router, owner_of
 from scalelab.serve.protocol import (
-    APIError,
-    ParsedRequest,
-    check_context,
-    check_model,
-    parse_completion_prompts,
-    parse_messages,
-    parse_sampling,
+    APIError, ParsedRequest, check_context, check_model, fit_text_before_encoding, parse_completion_prompts,
+    parse_messages, parse_sampling, read_json,
 )
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 MEMORY_FILE = "memory.sqlite"
 DEFAULT_MAX_TOOL_CALLS = 4
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+PROMPTS_PER_SLOT = 4  # prompts × n one completions request may carry, per batch slot
 
 
-def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = None, compile: bool = False) -> Engine:
+def default_limits(max_batch: int) -> dict:
+    """Queue and per-caller limits that scale with the batch: a queue four batches deep, and one
+    caller holding at most two batches' worth of requests."""
+    return {"max_queue": 4 * max_batch, "max_per_caller": 2 * max_batch}
+
+
+def load_engine(run_dir: str | Path, max_batch: int = 8, device: str | None = None, compile: bool = False,
+                max_waiting: int | None = None) -> Engine:
     """An engine over a run folder's latest checkpoint and its tokenizer."""
     run = Run.open(run_dir)
     dev = resolve_device(device or run.cfg.run.device)
-    return Engine(run.load_model(dev), run.tokenizer, device=dev, max_batch=max_batch, compile=compile)
-
-
-class _Guard:
-    """API-key check and Content-Length limit, before any route reads the request."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            err = None
-            if self.api_key and scope["path"].startswith("/v1/"):
-                given = headers.get(b"authorization", b"").decode("latin-1")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                    err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                   code="invalid_api_key")
-            length = headers.get(b"content-length", b"")
-            if err is None and length.isdigit() and int(length) > self.max_body_bytes:
-                err = _too_large(self.max_body_bytes)
-            if err is not None:
-                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large")
+    return Engine(run.load_model(dev), run.tokenizer, device=dev, max_batch=max_batch, compile=compile,
+                  max_waiting=max_waiting)
 
 
 def create_app(
     engine_or_run_dir: Engine | str | Path,
     model_name: str | None = None,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = 8,
     memory: MemoryStore | str | Path | None = None,
     tools: bool = True,
     max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
     compile: bool = False,
+    host: str = "127.0.0.1",
+    allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
+    max_queue: int | None = None,
+    max_per_caller: int | None = None,
+    queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT_S,
+    memory_budget: int | None = None,
 ) -> FastAPI:
     """The server app. A run folder is loaded here; its memories live in RUN_DIR/memory.sqlite unless
     ``memory`` names another store or file (an Engine without one gets an in-memory store).
 
     With ``tools``, a tool call the model writes (calculator, or ``bio:`` into the memory store) is
     run inside the request and its output fed back before generation goes on, at most
-    ``max_tool_calls`` times per choice."""
+    ``max_tool_calls`` times per choice.
+
+    ``api_key``: one key or several (each caller's memories and limits are its key's); ``host`` is
+    the bound address, which Host headers must name (or one of ``allowed_hosts``); browser pages
+    from ``cors_origins`` may call the API. ``max_queue`` engine requests may wait (an Engine
+    passed in keeps its own ``max_waiting``), each for ``queue_timeout`` seconds; one caller may
+    have ``max_per_caller`` requests in flight (defaults: :func:`default_limits`). A new chat's
+    memory block gets ``memory_budget`` tokens (default: a quarter of the context)."""
+    limits = default_limits(max_batch if not isinstance(engine_or_run_dir, Engine) else engine_or_run_dir.max_batch)
     if isinstance(engine_or_run_dir, Engine):
         engine = engine_or_run_dir
         model_name = model_name or "scalelab"
         default_memory = ":memory:"
     else:
-        engine = load_engine(engine_or_run_dir, max_batch=max_batch, compile=compile)
+        engine = load_engine(engine_or_run_dir, max_batch=max_batch, compile=compile,
+                             max_waiting=max_queue or limits["max_queue"])
         model_name = model_name or Path(engine_or_run_dir).resolve().name
         default_memory = Path(engine_or_run_dir) / MEMORY_FILE
+    keys = check_api_keys([api_key] if isinstance(api_key, str) else list(api_key or []))
+    admission = Admission(max_per_caller or limits["max_per_caller"])
     own_store = not isinstance(memory, MemoryStore)
     store = memory if isinstance(memory, MemoryStore) else MemoryStore(memory or default_memory)
     tok, context = engine.tokenizer, engine.context
-    handler = store.tool_handler() if tools else None
+    budget = memory_budget if memory_budget is not None else context // 4
+    max_token_bytes = max(1, int(tok.token_byte_lengths().max()))
     page = CHAT_PAGE.read_text(encoding="utf-8")
     created = int(time.time())
+
+    def count_tokens(text: str) -> int:
+        return len(tok.encode(text))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -127,13 +127,17 @@ def create_app(
                 store.close()
 
     app = FastAPI(title="scalelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.memory, app.state.tools = engine, store, tools
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
-    app.include_router(build_memory_router(store))
+    app.state.engine, app.state.memory, app.state.tools, app.state.admission = engine, store, tools, admission
+    app.add_middleware(Guard, api_keys=keys, max_body_bytes=max_body_bytes, bind=host, allowed_hosts=allowed_hosts,
+                       cors_origins=cors_origins, on_reject=admission.reject)
+    if cors_origins:  # outside the guard: it answers the browser's preflight requests itself
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PATCH",
+                           "DELETE"], allow_headers=["Authorization", "Content-Type", "X-Scalelab-User"])
+    app.include_router(build_memory_router(store, budget, count_tokens))
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -145,21 +149,6 @@ def create_app(
         err = APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
         return JSONResponse(err.body(), status_code=500)
 
-    async def read_json(request: Request) -> dict:
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: chunked bodies have no Content-Length
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _too_large(max_body_bytes)
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_type")
-        return body
-
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "scalelab",
                 "context_length": context}
@@ -170,7 +159,12 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": engine.num_running, "waiting": engine.num_waiting}
+        return {"status": "ok", "model": model_name, "running": engine.num_running, "waiting": engine.num_waiting,
+                "queue_limit": engine.max_waiting, "in_flight": sum(admission.in_flight.values())}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(metrics_text(engine, admission), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models():
@@ -184,51 +178,108 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        check_model(body, model_name)
-        parsed = parse_sampling(body, context, engine.max_batch, (tok.bos_id,), chat=False)
-        try:
-            parsed.prompts = parse_completion_prompts(body, tok)
-        except ScalelabError as e:
-            raise APIError(400, str(e), param="prompt") from None
-        if len(parsed.prompts) * parsed.params.n > engine.max_batch * 4:
-            raise APIError(400, "too many prompts × n in one request", param="prompt")
-        check_context(parsed.prompts, context, parsed.params.truncate_prompt, "prompt")
-        return await _respond(parsed, chat=False)
+        return await _admitted(request, _completion_request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        return await _admitted(request, _chat_request, chat=True)
+
+    async def _admitted(request: Request, prepare, chat: bool):
+        """A generation request, refused with a 429 before any parsing or tokenizing when its caller is
+        over its limit or the queue is full: a burst costs the server little more than its bodies."""
         body = await read_json(request)
         check_model(body, model_name)
+        caller = request.scope.get(CALLER_SCOPE_KEY, "local")
+        release = admission.acquire(caller)
+        try:
+            past_full_queue = admission.within_fair_share(caller, engine.max_waiting)
+            if not past_full_queue and engine.max_waiting is not None and engine.num_waiting >= engine.max_waiting:
+                raise QueueFull(f"the server's queue is full ({engine.max_waiting} requests waiting)")
+            parsed, headers = await prepare(request, body)
+            return await _respond(request, parsed, chat, release, past_full_queue, headers)
+        except QueueFull as e:
+            release()
+            admission.reject("queue_full")
+            raise overloaded(f"{e}: try again shortly", "queue_full") from None
+        except BaseException:
+            release()
+            raise
+
+    async def _completion_request(request: Request, body: dict) -> tuple[ParsedRequest, dict | None]:
+        parsed = parse_sampling(body, context, engine.max_batch, (tok.bos_id,), chat=False)
+        truncate = parsed.params.truncate_prompt
+        prompts = parse_completion_prompts(body, tok.vocab_size, engine.max_batch * PROMPTS_PER_SLOT // parsed.params.n)
+        texts = [fit_text_before_encoding(p, context, max_token_bytes, truncate, "prompt")
+                 for p in prompts if isinstance(p, str)]
+        if texts:  # text prompts start with BOS, as every pretraining document did
+            prompts = [[tok.bos_id] + ids for ids in await asyncio.to_thread(tok.encode_batch, texts)]
+        parsed.prompts = prompts
+        check_context(parsed.prompts, context, truncate, "prompt")
+        return parsed, None
+
+    async def _chat_request(request: Request, body: dict) -> tuple[ParsedRequest, dict | None]:
         parsed = parse_sampling(body, context, engine.max_batch, chat_stop_ids(tok), chat=True)
         messages = parse_messages(body)
-        # a conversation with no reply yet is a new one: it starts with what the user asked us to remember
-        preamble = store.context_block() if not any(m["role"] == "assistant" for m in messages) else ""
+        truncate = parsed.params.truncate_prompt
+        fit_text_before_encoding("".join(m["content"] for m in messages), context, max_token_bytes, truncate,
+                                 "messages")
+        owner = owner_of(request)
+        new_chat = not any(m["role"] == "assistant" for m in messages)
+
+        def render() -> tuple[list[int], int]:
+            # a conversation with no reply yet is a new one: it starts with what the user asked us to remember
+            preamble, _, dropped = store.fitted_block(owner, budget, count_tokens) if new_chat else ("", 0, 0)
+            return render_chat(tok, messages, preamble=preamble, tool_markers=True), dropped
+
         try:
-            parsed.prompts = [render_chat(tok, messages, preamble=preamble, tool_markers=True)]
+            prompt, dropped = await asyncio.to_thread(render)
         except ScalelabError as e:
             raise APIError(400, str(e), param="messages") from None
-        check_context(parsed.prompts, context, parsed.params.truncate_prompt, "messages")
-        return await _respond(parsed, chat=True)
+        admission.memories_dropped += dropped
+        parsed.prompts = [prompt]
+        check_context(parsed.prompts, context, truncate, "messages")
+        return parsed, {"X-Scalelab-Memories-Dropped": str(dropped)}
 
-    async def _respond(parsed: ParsedRequest, chat: bool):
-        run = _Run(engine, parsed, handler, max_tool_calls)
-        run.start()
+    async def _respond(request: Request, parsed: ParsedRequest, chat: bool, release, past_full_queue: bool,
+                       headers: dict | None):
+        """Generation for an admitted request; ``release`` (its caller's slot) is called once it ends."""
+        caller = request.scope.get(CALLER_SCOPE_KEY, "local")
+        run = _Run(engine, parsed, store.tool_handler(owner_of(request)) if tools else None, max_tool_calls,
+                   queue_timeout, caller)
+        run.start(over_limit=past_full_queue)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         shape = _Shape(rid, model_name, chat, parsed, tok)
         if parsed.stream:
-            return StreamingResponse(_stream(shape, run), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            admission.responses[200] += 1
+            return StreamingResponse(_stream(shape, run, release), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        watcher = asyncio.create_task(_cancel_when_gone(request, run))
         try:
             async for _ in run.pieces():
                 pass
-        except _GenerationFailed:
+        except _GenerationFailed as e:
+            status = 503 if isinstance(e.error, QueueTimeout) else 500
+            admission.responses[status] += 1
+            if status == 503:
+                raise overloaded(f"{e.error}: the server is busy, try again", "queue_timeout", 503) from None
             raise APIError(500, "generation failed on the server", kind="server_error") from None
         finally:
+            watcher.cancel()
             run.cancel()  # no-op when finished; frees the slots when the client went away
-        return shape.full_response(run)
+            release()
+        admission.responses[200] += 1
+        return JSONResponse(shape.full_response(run), headers=headers)
 
-    async def _stream(shape: "_Shape", run: "_Run"):
+    async def _cancel_when_gone(request: Request, run: "_Run") -> None:
+        # the body is read: what the server hears from the client now is that it went away
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                admission.disconnects += 1
+                run.cancel()
+                return
+
+    async def _stream(shape: "_Shape", run: "_Run", release):
         try:
             if shape.chat:
                 for ch in run.choices:
@@ -238,16 +289,27 @@ def create_app(
                     delta = {"content": piece.text} if piece.text or not shape.chat else {}
                     yield _sse(shape.chunk(piece.ci, delta, piece.finish, piece.toks, text=piece.text,
                                            call=piece.call))
-            except _GenerationFailed:
-                yield _sse(APIError(500, "generation failed on the server", kind="server_error").body())
+            except _GenerationFailed as e:
+                if isinstance(e.error, QueueTimeout):
+                    yield _sse(overloaded(f"{e.error}: the server is busy, try again", "queue_timeout", 503).body())
+                else:
+                    yield _sse(APIError(500, "generation failed on the server", kind="server_error").body())
             else:
                 if shape.parsed.include_usage:
                     yield _sse(shape.usage_chunk(run))
             yield "data: [DONE]\n\n"
         finally:
             run.cancel()
+            release()
 
     return app
+
+
+def _top_map(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t, v in top:  # likeliest first: a later token with the same text does not overwrite it
+        out.setdefault(tok.decode([t]), v)
+    return out
 
 
 def _sse(obj: dict) -> str:
@@ -262,20 +324,28 @@ class _Shape:
         self.created = int(time.time())
         self.offsets: dict[int, int] = {}
 
-    def _logprobs(self, ci: int, toks: list[tuple[int, float | None]]):
-        # tool-output tokens were inserted, not sampled: their logprob is null
+    def _logprobs(self, ci: int, toks: list[tuple[int, float | None, list | None]]):
+        # tool-output tokens were inserted, not sampled: their logprob is null and they have no alternatives
         if not self.parsed.logprobs:
             return None
-        strs = [self.tok.decode([t]) for t, _ in toks]
+        strs = [self.tok.decode([t]) for t, _, _ in toks]
         if self.chat:
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-                                for s, (_, lp) in zip(strs, toks)]}
+            def entry(s: str, lp) -> dict:
+                return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(self.tok.decode([t]), v) for t, v in top or []]}
+                                for s, (_, lp, top) in zip(strs, toks)]}
         offsets, at = [], self.offsets.get(ci, 0)
         for s in strs:
             offsets.append(at)
             at += len(s)
         self.offsets[ci] = at
-        return {"tokens": strs, "token_logprobs": [lp for _, lp in toks], "top_logprobs": None, "text_offset": offsets}
+        # OpenAI's legacy format: one {token: logprob} map per position (same-text tokens collapse into one key)
+        tops = None
+        if self.parsed.params.top_logprobs:
+            tops = [_top_map(self.tok, top) if top else None for _, _, top in toks]
+        return {"tokens": strs, "token_logprobs": [lp for _, lp, _ in toks], "top_logprobs": tops,
+                "text_offset": offsets}
 
     @staticmethod
     def _usage(run: "_Run") -> dict:
@@ -327,7 +397,9 @@ class _Shape:
 
 
 class _GenerationFailed(Exception):
-    pass
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -375,8 +447,10 @@ class _Run:
     the engine has no hook to keep a slot, and a prefill costs one batched forward pass.
     """
 
-    def __init__(self, engine: Engine, parsed: ParsedRequest, handler, max_tool_calls: int):
+    def __init__(self, engine: Engine, parsed: ParsedRequest, handler, max_tool_calls: int,
+                 queue_timeout: float | None = None, caller: str | None = None):
         self.engine, self.tok, self.handler, self.max_tool_calls = engine, engine.tokenizer, handler, max_tool_calls
+        self.queue_timeout, self.caller = queue_timeout, caller
         self.prompts = parsed.prompts
         params = parsed.params
         if handler is not None:
@@ -391,35 +465,48 @@ class _Run:
         self.live: list[EngineRequest] = []
         self.open = 0
 
-    def _submit(self, prompt: list[int], params: GenerationParams, cis: list[int],
-                prompt_index: int) -> EngineRequest:
-        sub = _Sub(cis)
+    def _submit_all(self, items: list[tuple[list[int], GenerationParams, list[int], int]],
+                    over_limit: bool = False, continuing: bool = False) -> list[EngineRequest]:
+        """Queue (prompt, params, choice indices, prompt index) items together; ``over_limit`` ones
+        are not held to the queue limit, and a ``continuing`` one (after a tool call: admitted
+        already) neither to the limit nor to the queue timeout."""
+        subs, specs = [], []
+        for prompt, params, cis, prompt_index in items:
+            sub = _Sub(cis)
 
-        def on_event(ev):
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (sub, ev))
-            except RuntimeError:  # the event loop closed under us: the server is shutting down
-                pass
+            def on_event(ev, sub=sub):
+                try:
+                    self.loop.call_soon_threadsafe(self.events.put_nowait, (sub, ev))
+                except RuntimeError:  # the event loop closed under us: the server is shutting down
+                    pass
 
+            subs.append(sub)
+            specs.append((prompt, params, on_event, prompt_index))
         # events are handled on this loop, so sub.req is set before the first one is read
-        sub.req = self.engine.submit(prompt, params, on_event=on_event, prompt_index=prompt_index)
-        self.live.append(sub.req)
-        self.open += 1
-        for ci in cis:
-            self.choices[ci].sub = sub
-        return sub.req
+        reqs = self.engine.submit_many(specs, None if continuing else self.queue_timeout,
+                                       over_limit=over_limit or continuing, owner=self.caller)
+        for sub, req in zip(subs, reqs):
+            sub.req = req
+            self.live.append(req)
+            self.open += 1
+            for ci in sub.cis:
+                self.choices[ci].sub = sub
+        return reqs
 
-    def start(self) -> None:
+    def start(self, over_limit: bool = False) -> None:
+        """Queue every prompt, or none (QueueFull when the engine's queue has no room for them all)."""
         n = self.params.n
+        items = [(p, self.params, list(range(i * n, (i + 1) * n)), i) for i, p in enumerate(self.prompts)]
         try:
-            for i, p in enumerate(self.prompts):
-                req = self._submit(p, self.params, list(range(i * n, (i + 1) * n)), i)
-                for ch in self.choices[i * n : (i + 1) * n]:
-                    ch.prompt, ch.seed = req.prompt, req.params.seed
+            reqs = self._submit_all(items, over_limit)
+        except QueueFull:
+            raise
         except ScalelabError as e:
-            self.cancel()
             raise APIError(400, str(e)) from None
-        self.prompts = [r.prompt for r in self.live]
+        for i, req in enumerate(reqs):
+            for ch in self.choices[i * n : (i + 1) * n]:
+                ch.prompt, ch.seed = req.prompt, req.params.seed
+        self.prompts = [r.prompt for r in reqs]
 
     def cancel(self) -> None:
         for r in self.live:
@@ -433,7 +520,7 @@ class _Run:
                 self.open -= 1
                 self.live.remove(sub.req)
                 if sub.req.error is not None:
-                    raise _GenerationFailed()
+                    raise _GenerationFailed(sub.req.error)
                 for ci in sub.cis:  # cancelled (server shutdown) before its sample finished
                     ch = self.choices[ci]
                     if ch.sub is sub and ch.finish is None:
@@ -443,7 +530,7 @@ class _Run:
             if ev.token is not None:
                 ch.tokens.append(ev.token)
                 ch.segment.append(ev.token)
-                ch.pending.append((ev.token, ev.logprob))
+                ch.pending.append((ev.token, ev.logprob, ev.top_logprobs))
             ch.segment_chars += len(ev.text)
             if ev.finish_reason == "stop" and self._stopped_on_call(ch):
                 yield await self._tool_call(ch, ev.text)
@@ -475,7 +562,7 @@ class _Run:
         call = await asyncio.to_thread(_safe_call, self.handler, request)
         feedback = tool_output_tokens(self.tok, call.output)
         ch.tokens.extend(feedback)
-        ch.pending.extend((t, None) for t in feedback)
+        ch.pending.extend((t, None, None) for t in feedback)
         # the stop string (the call's end) was cut from the model's text: show it again, then the output
         text += self.tok.decode([self.call_end] + feedback)
         room = self.params.max_new_tokens - len(ch.tokens)
@@ -485,7 +572,7 @@ class _Run:
         params = replace(self.params, n=1, max_new_tokens=room, truncate_prompt=False,
                          seed=_derived_seed(ch.seed, ch.sample, len(ch.calls) + 1))
         try:
-            self._submit(extended, params, [ch.ci], ch.prompt_index)
+            self._submit_all([(extended, params, [ch.ci], ch.prompt_index)], continuing=True)
         except ScalelabError:
             return self._piece(ch, text, "length", call)
         ch.segment, ch.segment_chars = [], 0

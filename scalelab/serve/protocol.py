@@ -7,21 +7,40 @@ with status 400, instead of FastAPI's 422 validation dump.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from scalelab.infer.engine import GenerationParams
 
 MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS_CHAT = 20  # OpenAI's limits
+MAX_LOGPROBS_COMPLETIONS = 5
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+async def read_json(request, require_object: bool = True):
+    """The request's JSON body. The server's guard counts the bytes as they arrive (a body over the
+    limit is a 413 whether or not it said its length); this only parses it."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e})", code="invalid_json") from None
+    except RecursionError:  # a few thousand nested brackets: the parser's stack, not the server, gives out
+        raise APIError(400, "the JSON body of your request is nested too deeply", code="invalid_json") from None
+    if require_object and not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_type")
+    return body
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
@@ -148,37 +167,70 @@ def parse_sampling(body: dict, context: int, max_n: int, stop_token_ids: tuple[i
         include_usage = _boolean(opts, "include_usage")
     if chat:
         logprobs = _boolean(body, "logprobs")
-        _integer(body, "top_logprobs", 0, 0, 20)
+        top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
+        if top and not logprobs:
+            raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     else:
-        lp = _integer(body, "logprobs", None, 0, 5)
-        logprobs = lp is not None
-    params.logprobs = logprobs
+        top = _integer(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETIONS)
+        logprobs = top is not None
+    params.logprobs, params.top_logprobs = logprobs, top or 0
     return ParsedRequest([], params, given, stream, include_usage and stream, logprobs)
 
 
-def parse_completion_prompts(body: dict, tokenizer) -> list[list[int]]:
-    """``prompt``: a string, a list of strings, a list of token ids, or a list of those lists.
-    Text prompts start with BOS, as every pretraining document did."""
+def parse_completion_prompts(body: dict, vocab_size: int, max_prompts: int) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of those lists; each
+    prompt comes back as its text (to encode) or its checked ids. The count is checked here, before
+    anything is encoded."""
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("prompt", "'prompt' is required", "missing_prompt")
-    vocab = tokenizer.vocab_size
 
     def ids(p, where):
-        if not p or not all(_is_int(t) and 0 <= t < vocab for t in p):
-            raise _bad("prompt", f"{where} must be a non-empty list of token ids in [0, {vocab})")
+        if not p or not all(_is_int(t) and 0 <= t < vocab_size for t in p):
+            raise _bad("prompt", f"{where} must be a non-empty list of token ids in [0, {vocab_size})")
         return list(p)
 
+    out = None
     if isinstance(prompt, str):
-        return [[tokenizer.bos_id] + tokenizer.encode(prompt)]
-    if isinstance(prompt, list) and prompt:
+        out = [prompt]
+    elif isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompt]
-        if all(_is_int(t) for t in prompt):
-            return [ids(prompt, "'prompt'")]
-        if all(isinstance(p, list) for p in prompt):
-            return [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
-    raise _bad("prompt", "'prompt' must be a string, a list of strings, or token ids", "invalid_type")
+            out = list(prompt)
+        elif all(_is_int(t) for t in prompt):
+            out = [prompt]
+        elif all(isinstance(p, list) for p in prompt):
+            out = prompt
+    if out is None:
+        raise _bad("prompt", "'prompt' must be a string, a list of strings, or token ids", "invalid_type")
+    if len(out) > max_prompts:
+        raise _bad("prompt", f"too many prompts × n in one request (at most {max_prompts})")
+    if isinstance(out[0], list):
+        return [ids(p, "'prompt'" if len(out) == 1 and out[0] is prompt else f"prompt[{i}]") for i, p in enumerate(out)]
+    return out
+
+
+def context_error(tokens: int, context: int, param: str, at_least: bool = False) -> APIError:
+    has = f"at least {tokens}" if at_least else f"{tokens}"
+    return APIError(
+        400,
+        f"This model's maximum context length is {context} tokens. However, your prompt has {has} "
+        "tokens, which leaves no room for the completion. Shorten the prompt, or set truncate_prompt "
+        "to keep its end.",
+        param=param, code="context_length_exceeded",
+    )
+
+
+def fit_text_before_encoding(text: str, context: int, max_token_bytes: int, truncate: bool, param: str) -> str:
+    """Check a text's length before paying for its encoding: no token spans more than
+    ``max_token_bytes`` bytes, so a text of B bytes is at least B / max_token_bytes tokens. Too long
+    without truncation is an error now; with truncation only the end that can matter is encoded."""
+    room = context * max_token_bytes  # characters: each is at least a byte, so this end holds >= context tokens
+    if len(text) <= room:
+        return text
+    if not truncate:
+        nbytes = len(text.encode("utf-8", errors="replace"))
+        raise context_error(-(-nbytes // max_token_bytes), context, param, at_least=True)
+    return text[-room:]
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -218,10 +270,4 @@ def check_context(prompts: list[list[int]], context: int, truncate: bool, param:
         return
     for p in prompts:
         if len(p) >= context:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {context} tokens. However, your prompt has {len(p)} "
-                "tokens, which leaves no room for the completion. Shorten the prompt, or set truncate_prompt "
-                "to keep its end.",
-                param=param, code="context_length_exceeded",
-            )
+            raise context_error(len(p), context, param)

@@ -13,9 +13,16 @@ A checkpoint is written to a temporary folder, every file and the folder are
 fsynced, then it is renamed into place (and the parent folder fsynced), and
 ``latest`` is replaced atomically after it: a crash or power loss mid-write
 leaves the previous checkpoint as the latest complete one. Loading checks the
-manifest first and never unpickles arbitrary objects (safetensors, and
-torch.load with weights_only=True). Folders whose names start with a dot are
-unfinished writes or deletions and are never loaded.
+manifest first (a checkpoint without one is refused) and never unpickles arbitrary
+objects: safetensors; torch.load with weights_only=True; and, for the ``dcp/``
+folder of a sharded run, a restricted unpickler for DCP's index and weights-only
+loading of its values (scalelab.parallel.state). Folders whose names start with a
+dot are unfinished writes or deletions and are never loaded; ``latest`` may only
+name a ``step_NNNNNN`` folder beside it.
+
+Trust boundary: the checks above mean a checkpoint cannot run code when loaded, but
+its weights are whatever its author trained: load a checkpoint from someone else
+only if you would accept what its model writes.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import pickle
 import re
 import shutil
 import time
-from dataclasses import asdict
+import tomllib
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -174,6 +182,14 @@ def _step_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _pointer_target(root: Path) -> Path | None:
+    """The folder ``latest`` names: a plain step_NNNNNN name beside it, never a path elsewhere."""
+    name = (root / "latest").read_text(encoding="utf-8", errors="replace").strip()
+    if _step_of(name) is None:  # absolute, ../, a sub-folder or anything else: not a checkpoint of this run
+        return None
+    return root / name
+
+
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     """Complete checkpoint folders, oldest first. A folder only gets its final name once it is complete."""
     root = Path(ckpt_root)
@@ -198,6 +214,47 @@ def _remove_dir(path: Path) -> None:
     os.replace(path, doomed)
     _fsync_dir(path.parent)
     shutil.rmtree(doomed)
+
+
+# what a run writes before its config.toml: a run that died while preparing its data holds only these
+_EARLY_RUN_ENTRIES = {"tokenizer", "data", "world.json", "checkpoints", "metrics.jsonl", "tb"}
+
+
+def _looks_like_run(path: Path) -> bool:
+    """A folder scalelab wrote: a config with a [run] table, a checkpoints/ folder with checkpoints, or
+    nothing but what a run writes first."""
+    if all(child.name in _EARLY_RUN_ENTRIES for child in path.iterdir()):
+        return True
+    try:
+        if "run" in tomllib.loads((path / "config.toml").read_text(encoding="utf-8")):
+            return True
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass
+    found = path / "checkpoints"
+    return found.is_dir() and ((found / "latest").is_file() or bool(list_checkpoints(found)))
+
+
+def remove_run_folder(path: str | Path) -> None:
+    """``--overwrite``: delete a run folder, and nothing that merely sits where one was asked for.
+
+    Refused: the filesystem root, the home folder and its parents, the current folder and its
+    parents, a symbolic link, and any non-empty folder that does not look like a run."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    resolved, home, cwd = p.resolve(), Path.home().resolve(), Path.cwd().resolve()
+    what = ("the filesystem root" if resolved == Path(resolved.anchor) else
+            "your home folder" if resolved == home else
+            "a parent of your home folder" if resolved in home.parents else
+            "the current folder" if resolved == cwd else
+            "a parent of the current folder" if resolved in cwd.parents else
+            "a symbolic link" if p.is_symlink() else
+            "not a folder" if not p.is_dir() else None)
+    if what is None and any(p.iterdir()) and not _looks_like_run(p):
+        what = "not a run folder (no config.toml with a [run] table, no checkpoints/)"
+    if what is not None:
+        raise ScalelabError(f"--overwrite refuses to delete {p}: it is {what}; give run.out_dir a folder of its own")
+    _remove_dir(p)
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> list[Path]:
@@ -233,10 +290,9 @@ def discard_checkpoints_after(ckpt_root: str | Path, step: int) -> Path:
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The checkpoint ``latest`` names; without a usable pointer, the newest complete checkpoint folder."""
     root = Path(ckpt_root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if path.name and (path / META_FILE).is_file():
+    if (root / "latest").is_file():
+        path = _pointer_target(root)
+        if path is not None and (path / META_FILE).is_file():
             return path
     found = list_checkpoints(root)
     return found[-1] if found else None
@@ -249,9 +305,16 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise ScalelabError(f"checkpoint {p} has no {META_FILE}: it is incomplete or not a checkpoint")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ScalelabError(f"checkpoint manifest {meta_path} is corrupt") from None
-    for fname, digest in meta.get("manifest", {}).items():
+    manifest = meta.get("manifest") if isinstance(meta, dict) else None
+    if not isinstance(manifest, dict) or MODEL_FILE not in manifest:
+        raise ScalelabError(f"checkpoint {p} has no manifest covering {MODEL_FILE} in {META_FILE}: "
+                            "it cannot be verified, and is refused")
+    for fname, digest in manifest.items():
+        parts = Path(fname).parts
+        if Path(fname).is_absolute() or ".." in parts or not isinstance(digest, str):
+            raise ScalelabError(f"checkpoint manifest {meta_path} names a file outside the checkpoint: {fname}")
         f = p / fname
         if not f.is_file():
             raise ScalelabError(f"checkpoint file missing: {f}")
@@ -271,9 +334,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     if not p.exists():
         raise ScalelabError(f"checkpoint not found: {p}")
     meta = verify_checkpoint(p)
-    model = GPT(GPTConfig(**meta["model_config"]))
+    model = GPT(model_config_from(meta.get("model_config"), p / META_FILE))
     load_weights_into(model, p / MODEL_FILE)
     return model.to(device).eval()
+
+
+def model_config_from(table, where: Path) -> GPTConfig:
+    """A GPTConfig from a checkpoint's saved ``model_config``; unknown or missing keys are a one-line error."""
+    if not isinstance(table, dict):
+        raise ScalelabError(f"{where}: 'model_config' is missing or not a table")
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ScalelabError(f"{where}: unknown model_config keys {', '.join(unknown)} "
+                            f"(valid: {', '.join(sorted(known))}); was it written by a newer scalelab?")
+    try:
+        return GPTConfig(**table)
+    except (TypeError, ValueError) as e:
+        raise ScalelabError(f"{where}: invalid model_config ({e})") from None
 
 
 def load_train_state(path: str | Path) -> dict:
