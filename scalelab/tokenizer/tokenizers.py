@@ -225,10 +225,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any input round-trips
         show_progress=False,
     )
-    texts = list(texts)
-    if not any(texts):
+    seen = {"bytes": 0}
+
+    def counted():
+        # streamed into the trainer, which keeps word counts, not text: memory follows the vocabulary
+        for t in texts:
+            seen["bytes"] += len(t)
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if not seen["bytes"]:
         raise ScalelabError("empty corpus: no text to train the tokenizer on")
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return BPETokenizer(tok)
 
 
