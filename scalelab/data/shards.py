@@ -87,7 +87,8 @@ def stream_shards(make_stream: Callable[[float | None], Iterable[Piece]], tokeni
                   single_document: bool = False) -> ShardMeta:
     """Stream a corpus into shards (see shard_writer): split per document by a hash of its content and the
     seed, exact duplicates dropped, resumable. A corpus of one document is cut by characters instead."""
-    errors = errors or SourceErrors()
+    # a CorpusStream carries the error policy its readers report to
+    errors = errors or getattr(make_stream, "errors", None) or SourceErrors()
     return _finish(out_dir, tokenizer, seed, val_fraction, "hash", lambda: write_shards(
         make_stream, tokenizer, out_dir, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
         dedup=dedup, workers=workers, progress=progress, source=source, errors=errors,
