@@ -52,6 +52,7 @@ class SourceErrors:
     """The data.on_error policy: ``fail`` raises on the first bad record, ``skip`` counts them."""
 
     policy: str = "fail"
+    hint: bool = True  # name the data.on_error key in the message (off for readers outside the corpus pipeline)
     skipped: int = 0
     first: str = ""
     kinds: dict = field(default_factory=dict)
@@ -62,7 +63,8 @@ class SourceErrors:
 
     def report(self, message: str, kind: str) -> None:
         if self.policy == "fail":
-            raise ScalelabError(message + " (set data.on_error = \"skip\" to skip such records and count them)")
+            hint = " (set data.on_error = \"skip\" to skip such records and count them)" if self.hint else ""
+            raise ScalelabError(message + hint)
         self.skipped += 1
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self.first = self.first or message
@@ -272,7 +274,7 @@ def _open_binary(path: Path):
 def iter_jsonl(path: str | Path, errors: SourceErrors | None = None):
     """(line number, parsed value) for each non-blank line of a JSONL file (plain, .gz or .zst). Bad JSON
     or bad UTF-8 is an error naming the file and line (or, with ``errors`` set to skip, a counted skip)."""
-    errors = errors or SourceErrors()
+    errors = errors or SourceErrors(hint=False)
     try:
         with _open_binary(Path(path)) as fh:
             for n, raw in enumerate(fh, 1):
