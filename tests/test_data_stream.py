@@ -82,6 +82,16 @@ def test_streamed_shards_equal_in_memory_tokens(bpe, tmp_path, workers):
     assert meta.duplicates == 20 and meta.split_rule == "hash" and len(meta.tokenizer_sha256) == 64
     assert all(s["tokens"] == 500 for s in meta.shards["train"][:-1])  # fixed-size shards, the last shorter
     assert not (out / PROGRESS_FILE).exists() and not list(out.glob("*.tmp"))
+    shards.verify()
+    damaged = out / meta.shards["train"][1]["name"]
+    data = bytearray(damaged.read_bytes())
+    data[0] ^= 1
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ScalelabError, match="does not match its sha256"):
+        shards.verify()
+    damaged.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ScalelabError, match="has 998 bytes, the manifest says 1000"):
+        shards.tokens("train")
 
 
 def test_large_text_files_stream_in_pieces_with_the_same_tokens(bpe, tmp_path, monkeypatch):

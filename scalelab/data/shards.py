@@ -13,6 +13,7 @@ Bytes are recorded so that loss converts to bits per byte, a tokenizer-independe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -185,10 +186,28 @@ class TokenShards:
         missing = [f for f in self._split(split)["files"] if not (self.dir / f).is_file()]
         if missing:
             raise ScalelabError(f"token shard {self.dir / missing[0]} is missing; rebuild the shards")
+        itemsize = np.dtype(self.meta.dtype).itemsize
+        for shard in self.meta.shards.get(split, []):
+            size = (self.dir / shard["name"]).stat().st_size
+            if size != shard["tokens"] * itemsize:
+                raise ScalelabError(f"token shard {self.dir / shard['name']} has {size} bytes, the manifest says "
+                                    f"{shard['tokens'] * itemsize}; rebuild the shards")
         parts = [np.memmap(self.dir / f, dtype=self.meta.dtype, mode="r") for f in self.meta.splits[split]["files"]]
         if not parts:
             return np.zeros(0, dtype=self.meta.dtype)
         return parts[0] if len(parts) == 1 else ShardedTokens(parts)
+
+    def verify(self) -> None:
+        """Check every shard against the manifest's sha256, reading each in blocks (never whole)."""
+        for split, shards in self.meta.shards.items():
+            for shard in shards:
+                h = hashlib.sha256()
+                with open(self.dir / shard["name"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                if h.hexdigest() != shard["sha256"]:
+                    raise ScalelabError(f"token shard {self.dir / shard['name']} does not match its sha256 in "
+                                        "meta.json; rebuild the shards")
 
     def bytes_per_token(self, split: str) -> float:
         s = self._split(split)
