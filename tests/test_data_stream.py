@@ -313,6 +313,9 @@ def bad_inputs(tmp_path):
     f = tmp_path / "utf8.jsonl"
     f.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in good[:3]) + b'{"text": "caf\xe9"}\n')
     cases.append(("jsonl", f, "invalid_utf8", r"utf8\.jsonl:4: not UTF-8 text"))
+    f = tmp_path / "surrogate.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"text": "half \\ud800 a pair"}\n')
+    cases.append(("jsonl", f, "invalid_utf8", r"not valid UTF-8 text \(surrogates not allowed\)"))
     f = tmp_path / "broken.jsonl.gz"
     f.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in good))[:-30])
     cases.append(("jsonl", f, "unreadable", r"broken\.jsonl\.gz: cannot read"))

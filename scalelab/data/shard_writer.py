@@ -283,7 +283,13 @@ def _build(make_stream, tokenizer, out: Path, plan: dict, forced: dict, dtype, w
     try:
         stream = make_stream(plan["val_fraction"] if forced["single_document"] else None)
         for index, piece in enumerate(stream):
-            data = piece.text.encode("utf-8", errors="surrogatepass")
+            try:
+                data = piece.text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" escaped in JSON
+                errors.report(f"document {stats.documents + 1} of {plan['source'] or 'the corpus'}: not valid "
+                              f"UTF-8 text ({e.reason})", "invalid_utf8")
+                split = None if piece.start else split
+                continue
             bar.update(len(data))
             stats.pieces += 1
             if piece.start:
