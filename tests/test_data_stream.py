@@ -472,3 +472,22 @@ def test_resume_at_step_k_with_another_number_of_ranks_gives_the_same_global_bat
     for x, y in expected[k:]:
         parts = [r.next_batch() for r in after]
         assert torch.cat([p[0] for p in parts]).equal(x) and torch.cat([p[1] for p in parts]).equal(y)
+
+
+def test_tokenizer_command_streams_a_parquet_folder(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scalelab.cli import main
+    from scalelab.tokenizer import load_tokenizer
+
+    (tmp_path / "pq").mkdir()
+    docs = corpus_docs(300)
+    for i in range(3):
+        pq.write_table(pa.table({"text": docs[i * 100 : (i + 1) * 100]}), tmp_path / "pq" / f"{i}.parquet")
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "tok"), "--set", 'data.source="parquet"',
+                 "--set", f'data.path="{tmp_path / "pq"}"', "--set", "tokenizer.vocab_size=300",
+                 "--set", 'tokenizer.sample="uniform"', "--set", "tokenizer.sample_bytes=20000"]) == 0
+    out = capsys.readouterr().out
+    assert "bpe tokenizer, vocab 300" in out and "held-out compression" in out
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 300
