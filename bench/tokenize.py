@@ -248,8 +248,10 @@ def main() -> None:
               f"{mbps(r):.2f} MB/s", flush=True)
 
     size_mb = raw["bytes"] / 1e6
+    vocab_size = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"].__len__()
     lines = [
-        f"corpus: generated JSONL, {len(parts) * a.part_mb} MB in {len(parts)} parts; BPE vocab {a.vocab}; "
+        f"corpus: generated JSONL, {len(parts) * a.part_mb} MB in {len(parts)} parts; BPE vocab {vocab_size} "
+        f"(--vocab {a.vocab}, trained on the first 1 MB); "
         f"{os.cpu_count()} CPUs (shared with other jobs while this ran)",
         f"throughput over the same {size_mb:.0f} MB ({raw['tokens']:,} tokens, "
         f"{raw['bytes'] / raw['tokens']:.2f} bytes/token):",
