@@ -40,6 +40,11 @@ class DataConfig:
     text_field: str = "text"  # JSONL field / Parquet column / HF column holding the text
     split: str = "train"  # HF split
     val_fraction: float = 0.1
+    # Streamed sources (docs/data_at_scale.md); the world source keeps its in-memory shuffle split.
+    on_error: str = "fail"  # fail | skip: a bad record (unreadable file, missing field, bad UTF-8) stops or is counted
+    dedup: bool = True  # drop exact duplicate documents (same content hash)
+    workers: int = 0  # 0: encode in this process with tokenizers' Rust threads | N: N worker processes
+    shard_tokens: int = 100_000_000  # tokens per shard file
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -48,6 +53,8 @@ class TokenizerConfig:
     kind: str = "bpe"  # bpe | char | byte
     vocab_size: int = 2048  # bpe only; char and byte derive theirs
     path: str = ""  # reuse a saved tokenizer instead of training one
+    sample: str = "head"  # what BPE trains on: head (the first sample_bytes) | uniform (a uniform sample of documents)
+    sample_bytes: int = 100_000_000  # bytes of training-split text BPE trains on (user corpora)
 
 
 OPTIMIZERS = ("adamw",)
@@ -495,6 +502,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.source in ("world", "text", "jsonl", "parquet", "hf"), "data.source must be one of world, text, jsonl, parquet, hf"),
         (cfg.data.source == "world" or bool(cfg.data.path), f"data.path is required when data.source = '{cfg.data.source}'"),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),
+        (cfg.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
+        (cfg.data.workers >= 0, "data.workers must be 0 (in-process threads) or more"),
+        (cfg.data.shard_tokens >= 1, "data.shard_tokens must be positive"),
+        (cfg.tokenizer.sample in ("head", "uniform"), "tokenizer.sample must be head or uniform"),
+        (cfg.tokenizer.sample_bytes >= 1, "tokenizer.sample_bytes must be positive"),
         (cfg.tokenizer.kind in ("bpe", "char", "byte"), "tokenizer.kind must be one of bpe, char, byte"),
         (cfg.tokenizer.vocab_size >= 256 + 16 or cfg.tokenizer.kind != "bpe", "tokenizer.vocab_size must be at least 272 for bpe"),
         (cfg.train.steps >= 1, "train.steps must be at least 1"),

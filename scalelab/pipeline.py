@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ import numpy as np
 
 from scalelab.config import Config, config_from_dict, load_config, read_toml, to_toml
 from scalelab.data import subtask_tags
+from scalelab.data.corpus import CorpusStream, tokenizer_texts
 from scalelab.data.generators import generate as generate_examples
-from scalelab.data.shards import TokenShards, build_shards, split_documents
-from scalelab.data.sources import load_documents
+from scalelab.data.shard_writer import PROGRESS_FILE
+from scalelab.data.shards import TokenShards, build_shards, split_documents, stream_shards
+from scalelab.data.sources import SourceErrors, load_documents, resolve_path
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.evals.ngram import KneserNeyLM
@@ -29,9 +32,10 @@ from scalelab.evals.tasks import exact_match
 from scalelab.infer.sample import SamplingParams, cut_at_stop, generate
 from scalelab.parallel.dist import DistEnv, barrier, init_distributed, shutdown
 from scalelab.report import write_report, write_report_card
-from scalelab.run import CHECKPOINTS_DIR, CONFIG_FILE, WORLD_FILE, Run
+from scalelab.run import CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, WORLD_FILE, Run
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
+from scalelab.tokenizer.tokenizers import META_FILE as TOKENIZER_META
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger, read_metrics, truncate_after
 from scalelab.train.trainer import Trainer, evaluate_loss, write_json
@@ -52,30 +56,75 @@ class PreparedData:
 
 
 def load_corpus(cfg: Config) -> list[str]:
+    """Every document in memory: the world corpus, or a small user corpus (tests, quick looks)."""
     d = cfg.data
     if d.source == "world":
         return World(d.world).pretraining_documents()
-    return load_documents(d.source, d.path, field=d.text_field, split=d.split)
+    return load_documents(d.source, d.path, field=d.text_field, split=d.split, errors=SourceErrors(d.on_error))
+
+
+def corpus_stream(cfg: Config) -> CorpusStream:
+    """A user corpus as a stream that is read afresh each time it is iterated."""
+    d = cfg.data
+    return CorpusStream(d.source, resolve_path(d.source, d.path), d.text_field, d.split, SourceErrors(d.on_error))
+
+
+def train_tokenizer(cfg: Config, stream: CorpusStream):
+    """A tokenizer trained on the bounded sample ``tokenizer.sample`` / ``sample_bytes`` of a user corpus."""
+    t = cfg.tokenizer
+    texts = tokenizer_texts(stream, t.kind, t.sample, t.sample_bytes, cfg.run.seed, cfg.data.val_fraction)
+    return build_tokenizer(t.kind, texts, t.vocab_size)
 
 
 def prepare(cfg: Config, run_dir: str | Path, env: DistEnv = DistEnv()) -> PreparedData:
-    """Corpus -> tokenizer -> shards under ``run_dir`` (done once, by the main process)."""
+    """Corpus -> tokenizer -> shards under ``run_dir`` (done once, by the main process).
+
+    The world corpus is small and generated in memory: it keeps its shuffle split (its token stream is
+    unchanged). Every other source streams (docs/data_at_scale.md), and a killed preparation resumes
+    from its last complete shard when run again.
+    """
     run = Path(run_dir)
     tok_dir, data_dir = run / "tokenizer", run / "data"
     if env.is_main and not (data_dir / "meta.json").is_file():
-        docs = load_corpus(cfg)
-        if cfg.tokenizer.path:
-            tokenizer = load_tokenizer(cfg.tokenizer.path)
-        else:
-            tokenizer = build_tokenizer(cfg.tokenizer.kind, docs, cfg.tokenizer.vocab_size)
-        tokenizer.save(tok_dir)
-        build_shards(docs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction, seed=cfg.run.seed)
         if cfg.data.source == "world":
-            World(cfg.data.world).save(run / WORLD_FILE)
-            _, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.run.seed)
-            subtask_tags.save_tags(subtask_tags.tag_token_stream(val_docs, tokenizer), data_dir)
+            _prepare_world(cfg, run)
+        else:
+            stream = corpus_stream(cfg)
+            if cfg.tokenizer.path:
+                tokenizer = load_tokenizer(cfg.tokenizer.path)
+            elif (data_dir / PROGRESS_FILE).is_file() and (tok_dir / TOKENIZER_META).is_file():
+                tokenizer = load_tokenizer(tok_dir)  # an interrupted preparation: resume with its tokenizer
+            else:
+                tokenizer = train_tokenizer(cfg, stream)
+            tokenizer.save(tok_dir)
+            d = cfg.data
+            meta = stream_shards(stream, tokenizer, data_dir, val_fraction=d.val_fraction, seed=cfg.run.seed,
+                                 shard_tokens=d.shard_tokens, dedup=d.dedup, workers=d.workers,
+                                 progress=cfg.run.progress, source=stream.describe(), errors=stream.errors,
+                                 single_document=stream.is_single_file())
+            print(describe_shards(meta), file=sys.stderr)
     barrier(env)
     return PreparedData(tokenizer=load_tokenizer(tok_dir), shards=TokenShards(data_dir))
+
+
+def describe_shards(meta) -> str:
+    s = meta.splits
+    line = (f"shards: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens from "
+            f"{s['train']['documents'] + s['val']['documents']:,} documents; {meta.duplicates:,} exact duplicates dropped")
+    if meta.skipped:
+        line += f"; {meta.skipped:,} bad records skipped ({', '.join(f'{k}: {v}' for k, v in meta.skipped_kinds.items())})"
+    return line
+
+
+def _prepare_world(cfg: Config, run: Path) -> None:
+    docs = load_corpus(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else \
+        build_tokenizer(cfg.tokenizer.kind, docs, cfg.tokenizer.vocab_size)
+    tokenizer.save(run / TOKENIZER_DIR)
+    build_shards(docs, tokenizer, run / DATA_DIR, val_fraction=cfg.data.val_fraction, seed=cfg.run.seed)
+    World(cfg.data.world).save(run / WORLD_FILE)
+    _, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.run.seed)
+    subtask_tags.save_tags(subtask_tags.tag_token_stream(val_docs, tokenizer), run / DATA_DIR)
 
 
 def _model_config_for(cfg: Config, tokenizer) -> None:

@@ -69,8 +69,9 @@ def test_jsonl_errors_name_line_and_field(tmp_path):
     write_jsonl(f, [["a list, not an object"]])
     with pytest.raises(ScalelabError, match=r"d\.jsonl:1: no field 'text'"):
         load_documents("jsonl", str(f))
-    with pytest.raises(ScalelabError, match="is not a file"):
-        load_documents("jsonl", str(tmp_path))
+    (tmp_path / "no_jsonl").mkdir()
+    with pytest.raises(ScalelabError, match="empty corpus: no .jsonl"):
+        load_documents("jsonl", str(tmp_path / "no_jsonl"))
 
 
 def test_parquet_reads_the_named_column(tmp_path):
@@ -141,7 +142,7 @@ def test_shards_round_trip_with_bos_before_every_document(which, tmp_path):
     assert isinstance(meta, ShardMeta) and meta.dtype == "uint16" and meta.bos_id == tok.bos_id
     assert len(meta.splits["train"]["files"]) > 1  # a small shard size forces several files
     shards = TokenShards(tmp_path)
-    train, val = shards.tokens("train"), shards.tokens("val")
+    train, val = np.asarray(shards.tokens("train")), np.asarray(shards.tokens("val"))
     assert train[0] == tok.bos_id and val[0] == tok.bos_id
     assert int((train == tok.bos_id).sum()) == meta.splits["train"]["documents"] == 3
     assert int((val == tok.bos_id).sum()) == meta.splits["val"]["documents"] == 1

@@ -127,17 +127,32 @@ def _cmd_report(args) -> None:
 
 def _cmd_tokenizer(args) -> None:
     from scalelab.config import load_config
-    from scalelab.pipeline import load_corpus
+    from scalelab.data.corpus import documents, head_sample
+    from scalelab.pipeline import corpus_stream, load_corpus, train_tokenizer
     from scalelab.tokenizer import build_tokenizer, bytes_per_token
 
     cfg = load_config(args.config, args.overrides)
-    docs = load_corpus(cfg)
-    n_val = max(1, int(len(docs) * cfg.data.val_fraction)) if len(docs) > 1 else 0
-    train_docs, val_docs = docs[n_val:], docs[:n_val] or docs
-    tok = build_tokenizer(cfg.tokenizer.kind, train_docs, cfg.tokenizer.vocab_size)
+    note = ""
+    if cfg.data.source == "world":
+        docs = load_corpus(cfg)
+        n_val = max(1, int(len(docs) * cfg.data.val_fraction)) if len(docs) > 1 else 0
+        train_docs, val_docs = docs[n_val:], docs[:n_val] or docs
+        tok = build_tokenizer(cfg.tokenizer.kind, train_docs, cfg.tokenizer.vocab_size)
+    else:
+        # streamed: trained on a bounded sample of the training split, measured on held-out documents
+        stream = corpus_stream(cfg)
+        tok = train_tokenizer(cfg, stream)
+        seed, vf = cfg.run.seed, cfg.data.val_fraction
+        val_docs = list(head_sample(documents(stream, seed, vf, "val"), HELD_OUT_BYTES))
+        if not val_docs:
+            val_docs = list(head_sample(documents(stream, seed, vf, None), HELD_OUT_BYTES))
+            note = " (no held-out documents: measured on training text)"
     tok.save(args.out)
     print(f"{cfg.tokenizer.kind} tokenizer, vocab {tok.vocab_size}, saved to {args.out}; "
-          f"held-out compression {bytes_per_token(tok, val_docs):.3f} bytes/token")
+          f"held-out compression {bytes_per_token(tok, val_docs):.3f} bytes/token{note}")
+
+
+HELD_OUT_BYTES = 10_000_000  # enough text for a stable compression figure
 
 
 def _cmd_data(args) -> None:

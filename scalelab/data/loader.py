@@ -7,6 +7,16 @@ Determinism contract: the *global* batch at step k depends only on (tokens, seed
 batch_size, block_size). Rank r of W takes rows [r·B/W, (r+1)·B/W), so any number of
 data-parallel processes sees exactly the single-process global batch.
 
+Resuming at step k from the saved (epoch, position) gives exactly the global batches k+1, k+2, ... of an
+uninterrupted run, token for token. With another number of data-parallel ranks W', "exactly" means the
+global batch: the same rows in the same order, now cut into W' blocks instead of W, so a given row is
+read by another rank, but the step's data, and with a mean loss its gradient, are those of the
+uninterrupted run (up to float summation order across ranks).
+
+The token stream may be a memmap or a ShardedTokens view over many shard files: a batch reads only its
+windows, never a whole shard. The per-epoch window order is one int64 per window (8 bytes per
+block_size tokens: 8 MB for 1B tokens at block size 1024).
+
 Epoch e visits every window of a grid shifted by a random offset in [0, block_size), in a random
 order; both come from a generator seeded by (seed, e), so epochs see different cuts of the text
 and a run resumes from just (epoch, position).

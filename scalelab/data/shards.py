@@ -1,32 +1,38 @@
-"""Tokenize once into memory-mapped token shards, with a train/val split.
+"""Token shards: memory-mapped token streams with a train/val split, and their manifest.
 
 Layout of a shard folder::
 
-    meta.json          dtype, vocab size, and per split: files, tokens, documents, UTF-8 bytes
-    train_000.bin ...  flat token streams; a BOS token precedes every document
-    val_000.bin
+    meta.json          the manifest: dtype, vocab size, tokenizer hash, per split files, tokens, documents,
+                       UTF-8 bytes, and per shard its tokens, documents and sha256; duplicates and skipped records
+    train_000.bin ...  flat token streams of ``shard_tokens`` tokens (the last one shorter); a BOS token
+    val_000.bin        precedes every document
+    progress.json      how far a build got (see shard_writer), so a killed build resumes
 
 Bytes are recorded so that loss converts to bits per byte, a tokenizer-independent unit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
+from scalelab.data.shard_writer import write_shards
+from scalelab.data.sources import Piece, SourceErrors, split_by_characters
 from scalelab.errors import ScalelabError
-
-ENCODE_CHUNK = 512  # documents per encode_batch call: bounded memory, still batched
 
 
 @dataclass
 class ShardMeta:
     """What meta.json records. ``splits[name]`` has files, tokens (BOS included), documents and bytes
-    (UTF-8 bytes of the split's text, BOS excluded): bits per byte = nats/token * tokens / (bytes * ln 2)."""
+    (UTF-8 bytes of the split's text, BOS excluded): bits per byte = nats/token * tokens / (bytes * ln 2).
+    ``split_rule``: shuffle (an in-memory document list), hash (streamed: hash of content and seed) or
+    characters (a single document cut in two)."""
 
     dtype: str
     vocab_size: int
@@ -34,6 +40,12 @@ class ShardMeta:
     splits: dict
     seed: int = 0
     val_fraction: float = 0.1
+    shards: dict = field(default_factory=dict)
+    tokenizer_sha256: str = ""
+    split_rule: str = "shuffle"
+    duplicates: int = 0
+    skipped: int = 0
+    skipped_kinds: dict = field(default_factory=dict)
 
 
 def split_documents(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -47,68 +59,108 @@ def split_documents(documents: list[str], val_fraction: float, seed: int) -> tup
     if not 0.0 < val_fraction < 1.0:
         raise ScalelabError(f"invalid config: data.val_fraction must be between 0 and 1, got {val_fraction}")
     if len(documents) == 1:
-        text = documents[0]
-        if len(text) < 2:
-            raise ScalelabError(f"corpus too short: one document of {len(text)} characters cannot be split into train and val")
-        # both sides keep at least one character, however extreme val_fraction is
-        cut = min(len(text) - 1, max(1, int(len(text) * (1 - val_fraction))))
-        return [text[:cut]], [text[cut:]]
+        train, val = split_by_characters(documents[0], val_fraction)
+        return [train], [val]
     docs = list(documents)
     random.Random(f"split-{seed}").shuffle(docs)
     n_val = min(len(docs) - 1, max(1, int(round(val_fraction * len(docs)))))
     return docs[n_val:], docs[:n_val]
 
 
-def _write_split(docs: list[str], tokenizer, out: Path, split: str, dtype, shard_tokens: int) -> dict:
-    files, n_tokens, n_bytes = [], 0, 0
-    handle, in_shard = None, 0
-    for start in range(0, len(docs), ENCODE_CHUNK):
-        chunk = docs[start : start + ENCODE_CHUNK]
-        n_bytes += sum(len(d.encode("utf-8")) for d in chunk)
-        stream = []
-        for ids in tokenizer.encode_batch(chunk):
-            stream.append(tokenizer.bos_id)
-            stream.extend(ids)
-        arr = np.asarray(stream, dtype=dtype)
-        while arr.size:
-            if handle is None or in_shard >= shard_tokens:
-                if handle:
-                    handle.close()
-                name = f"{split}_{len(files):03d}.bin"
-                files.append(name)
-                handle, in_shard = open(out / name, "wb"), 0
-            take = min(arr.size, shard_tokens - in_shard)
-            handle.write(arr[:take].tobytes())
-            in_shard += take
-            n_tokens += take
-            arr = arr[take:]
-    if handle:
-        handle.close()
-    return {"files": files, "tokens": n_tokens, "documents": len(docs), "bytes": n_bytes}
-
-
 def build_shards(documents: list[str], tokenizer, out_dir: str | Path, val_fraction: float = 0.1, seed: int = 0,
                  shard_tokens: int = 100_000_000) -> ShardMeta:
-    """Tokenize ``documents`` into ``out_dir`` (see the module docstring); same inputs, same bytes."""
-    if shard_tokens < 1:
-        raise ScalelabError(f"shard_tokens must be positive, got {shard_tokens}")
+    """Tokenize an in-memory document list, split by ``split_documents`` (no deduplication): the
+    embedded world corpus's path, whose token stream must not change. Same inputs, same bytes."""
+    train_docs, val_docs = split_documents(documents, val_fraction, seed)
+
+    def pieces(_single_doc_val) -> Iterable[Piece]:
+        yield from (Piece(d, split="train") for d in train_docs)
+        yield from (Piece(d, split="val") for d in val_docs)
+
+    return _finish(out_dir, tokenizer, seed, val_fraction, "shuffle",
+                   lambda: write_shards(pieces, tokenizer, out_dir, val_fraction=val_fraction, seed=seed,
+                                        shard_tokens=shard_tokens, dedup=False))
+
+
+def stream_shards(make_stream: Callable[[float | None], Iterable[Piece]], tokenizer, out_dir: str | Path, *,
+                  val_fraction: float = 0.1, seed: int = 0, shard_tokens: int = 100_000_000, dedup: bool = True,
+                  workers: int = 0, progress: bool = False, source: str = "", errors: SourceErrors | None = None,
+                  single_document: bool = False) -> ShardMeta:
+    """Stream a corpus into shards (see shard_writer): split per document by a hash of its content and the
+    seed, exact duplicates dropped, resumable. A corpus of one document is cut by characters instead."""
+    # a CorpusStream carries the error policy its readers report to
+    errors = errors or getattr(make_stream, "errors", None) or SourceErrors()
+    return _finish(out_dir, tokenizer, seed, val_fraction, "hash", lambda: write_shards(
+        make_stream, tokenizer, out_dir, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
+        dedup=dedup, workers=workers, progress=progress, source=source, errors=errors,
+        single_document=single_document))
+
+
+def _finish(out_dir, tokenizer, seed: int, val_fraction: float, rule: str, build) -> ShardMeta:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A stale meta.json would vouch for half-rewritten .bin files if this build is interrupted.
     (out / "meta.json").unlink(missing_ok=True)
-    train_docs, val_docs = split_documents(documents, val_fraction, seed)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    splits = {
-        "train": _write_split(train_docs, tokenizer, out, "train", dtype, shard_tokens),
-        "val": _write_split(val_docs, tokenizer, out, "val", dtype, shard_tokens),
-    }
-    meta = ShardMeta(dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                     splits=splits, seed=seed, val_fraction=val_fraction)
+    r = build()
+    if r["documents"] == 0:
+        detail = f" ({r['skipped']} bad records skipped)" if r["skipped"] else ""
+        raise ScalelabError(f"empty corpus: no non-empty documents{detail}")
+    meta = ShardMeta(dtype=r["dtype"], vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, splits=r["splits"],
+                     seed=seed, val_fraction=val_fraction, shards=r["shards"], tokenizer_sha256=r["tokenizer_sha256"],
+                     split_rule=rule if r["split_rule"] == "hash" else r["split_rule"], duplicates=r["duplicates"],
+                     skipped=r["skipped"], skipped_kinds=r["skipped_kinds"])
     # meta.json is written last: its presence marks a complete shard folder
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta.__dict__, indent=2))
     tmp.replace(out / "meta.json")
     return meta
+
+
+class ShardedTokens:
+    """Several memory-mapped shards read as one token stream. Slicing reads just the slice (across a shard
+    boundary when needed); nothing is concatenated, so no shard is ever loaded whole."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {key} is outside a stream of {len(self)}")
+            p = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.parts[p][i - self.starts[p]]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("sharded tokens support integer indices and contiguous slices")
+        lo, hi, _ = key.indices(len(self))
+        if hi <= lo:
+            return np.zeros(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        out = []
+        p = first
+        while p < len(self.parts) and self.starts[p] < hi:
+            a, b = max(lo, self.starts[p]) - self.starts[p], min(hi, self.starts[p + 1]) - self.starts[p]
+            out.append(self.parts[p][a:b])
+            p += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def __iter__(self):
+        for p in self.parts:
+            yield from p
+
+    def __array__(self, dtype=None, copy=None):
+        # an explicit np.asarray(...) of the whole stream (the n-gram baseline) does load it
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
 
 
 class TokenShards:
@@ -129,15 +181,33 @@ class TokenShards:
             raise ScalelabError(f"no split '{split}' in {self.dir} (splits: {', '.join(self.meta.splits)})")
         return self.meta.splits[split]
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's token stream: a read-only memmap, or an in-memory concatenation of several shards."""
+    def tokens(self, split: str) -> np.ndarray | ShardedTokens:
+        """The split's token stream: a read-only memmap, or a ShardedTokens view over several."""
         missing = [f for f in self._split(split)["files"] if not (self.dir / f).is_file()]
         if missing:
             raise ScalelabError(f"token shard {self.dir / missing[0]} is missing; rebuild the shards")
+        itemsize = np.dtype(self.meta.dtype).itemsize
+        for shard in self.meta.shards.get(split, []):
+            size = (self.dir / shard["name"]).stat().st_size
+            if size != shard["tokens"] * itemsize:
+                raise ScalelabError(f"token shard {self.dir / shard['name']} has {size} bytes, the manifest says "
+                                    f"{shard['tokens'] * itemsize}; rebuild the shards")
         parts = [np.memmap(self.dir / f, dtype=self.meta.dtype, mode="r") for f in self.meta.splits[split]["files"]]
         if not parts:
             return np.zeros(0, dtype=self.meta.dtype)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else ShardedTokens(parts)
+
+    def verify(self) -> None:
+        """Check every shard against the manifest's sha256, reading each in blocks (never whole)."""
+        for split, shards in self.meta.shards.items():
+            for shard in shards:
+                h = hashlib.sha256()
+                with open(self.dir / shard["name"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                if h.hexdigest() != shard["sha256"]:
+                    raise ScalelabError(f"token shard {self.dir / shard['name']} does not match its sha256 in "
+                                        "meta.json; rebuild the shards")
 
     def bytes_per_token(self, split: str) -> float:
         s = self._split(split)
