@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"  # bpe | char | byte
+    kind: str = "bpe"  # bpe | char | byte | hf (an imported checkpoint's own tokenizer; needs path)
     vocab_size: int = 2048  # bpe only; char and byte derive theirs
     path: str = ""  # reuse a saved tokenizer instead of training one
 
@@ -407,7 +407,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.source in ("world", "text", "jsonl", "parquet", "hf"), "data.source must be one of world, text, jsonl, parquet, hf"),
         (cfg.data.source == "world" or bool(cfg.data.path), f"data.path is required when data.source = '{cfg.data.source}'"),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),
-        (cfg.tokenizer.kind in ("bpe", "char", "byte"), "tokenizer.kind must be one of bpe, char, byte"),
+        (cfg.tokenizer.kind in ("bpe", "char", "byte", "hf"), "tokenizer.kind must be one of bpe, char, byte, hf"),
+        (cfg.tokenizer.kind != "hf" or bool(cfg.tokenizer.path),
+         "tokenizer.path is required when tokenizer.kind = 'hf' (an imported checkpoint's tokenizer folder)"),
         (cfg.tokenizer.vocab_size >= 256 + 16 or cfg.tokenizer.kind != "bpe", "tokenizer.vocab_size must be at least 272 for bpe"),
         (cfg.train.steps >= 1, "train.steps must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),

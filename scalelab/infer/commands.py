@@ -1,4 +1,5 @@
-"""``scalelab export``: hand a trained run to other tools (Hugging Face transformers for now)."""
+"""``scalelab export`` hands a trained run to other tools (Hugging Face transformers for now);
+``scalelab import`` makes a published checkpoint (HF folder or GGUF file) a run folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--no-tokenizer", action="store_true", help="weights and config only (byte/char tokenizers)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    return {"export": _cmd_export}
+
+    p = sub.add_parser("import", help="a Hugging Face model folder or GGUF file -> an ordinary run folder")
+    p.add_argument("src", help="HF folder (config.json, *.safetensors, tokenizer.json, ...) or a .gguf file")
+    p.add_argument("--out", "-o", required=True, help="run folder to write, e.g. runs/smollm2")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="context to use (default: the model's max_position_embeddings); smaller saves KV-cache memory")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of (or for a model without) the checkpoint's own")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return {"export": _cmd_export, "import": _cmd_import}
 
 
 def _cmd_export(args) -> None:
@@ -23,3 +33,12 @@ def _cmd_export(args) -> None:
                      overwrite=args.overwrite)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {args.run_dir} as {arch} ({args.dtype}) to {out}")
+
+
+def _cmd_import(args) -> None:
+    from scalelab.infer.import_hf import import_checkpoint
+
+    out = import_checkpoint(args.src, args.out, block_size=args.block_size, chat_template_file=args.chat_template,
+                            overwrite=args.overwrite)
+    info = json.loads((out / "import.json").read_text())
+    print(f"imported {args.src} ({info['architecture']}, {info['params']:,} parameters) as the run folder {out}")
