@@ -87,9 +87,9 @@ def _reference_tokenizer(folder):
 
 def _hf_model(arch, vocab, **extra):
     config_cls, model_cls, kw = ARCHS[arch]
-    cfg = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     bos_token_id=1, eos_token_id=2, **{**kw, **extra})
+    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    cfg = config_cls(**{**sizes, **kw, **extra})
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
     with torch.no_grad():  # every weight distinct from its init default, so a mapping slip shows

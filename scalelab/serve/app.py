@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalelab.errors import ScalelabError
-from scalelab.infer.chat import chat_stop_ids, render_chat
+from scalelab.infer.chat import chat_stop_ids, render_chat, uses_template
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
@@ -101,7 +101,8 @@ def create_app(
 
     With ``tools``, a tool call the model writes (calculator, or ``bio:`` into the memory store) is
     run inside the request and its output fed back before generation goes on, at most
-    ``max_tool_calls`` times per choice."""
+    ``max_tool_calls`` times per choice. An imported checkpoint (its own chat template) is served
+    without tools."""
     if isinstance(engine_or_run_dir, Engine):
         engine = engine_or_run_dir
         model_name = model_name or "scalelab"
@@ -113,6 +114,9 @@ def create_app(
     own_store = not isinstance(memory, MemoryStore)
     store = memory if isinstance(memory, MemoryStore) else MemoryStore(memory or default_memory)
     tok, context = engine.tokenizer, engine.context
+    # Tool calls are written in scalelab's tool tokens; an imported checkpoint has none (its own tool
+    # format, if any, lives in its chat template), so it is served without them.
+    tools = tools and not uses_template(tok)
     handler = store.tool_handler() if tools else None
     page = CHAT_PAGE.read_text(encoding="utf-8")
     created = int(time.time())

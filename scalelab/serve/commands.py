@@ -47,6 +47,6 @@ def _cmd_serve(args) -> None:
                      tools=not args.no_tools, max_tool_calls=max_tool_calls, compile=args.compile)
     engine = app.state.engine
     print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
-          f"tools {'off' if args.no_tools else 'on'}) "
+          f"tools {'on' if app.state.tools else 'off'}) "
           f"at http://{args.host}:{args.port}/ {'with' if args.api_key else 'without'} an API key", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
