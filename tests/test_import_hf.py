@@ -316,7 +316,7 @@ def test_gguf_import_matches(tmp_path, hf_tok):
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, hf, hf_tok)
     run = import_checkpoint(path, tmp_path / "run")
-    assert json.loads((run / "import.json").read_text())["format"].startswith("gguf")
+    assert json.loads((run / "summary.json").read_text())["format"].startswith("gguf")
     model, tok = load_model(run), load_tokenizer(run / "tokenizer")
     prompt = render_chat(tok, CONVERSATIONS[0])
     assert tok.decode(prompt) == transformers.AutoTokenizer.from_pretrained(

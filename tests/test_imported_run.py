@@ -96,3 +96,14 @@ def test_serve_imported_run_with_openai_client(imported):
         assert streamed == full.choices[0].message.content
     finally:
         server.stop()
+
+
+def test_report_card_and_harness_open_an_imported_run(tmp_path, imported):
+    from scalelab.report_card import collect_run
+
+    info = collect_run(imported)
+    assert info.stage == "import" and info.metrics["params"] > 0
+    r = subprocess.run(scalelab_cmd("eval", str(imported), "--tasks", "addition", "--n", "3"),
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| addition | 0 | 3 | exact_match" in r.stdout

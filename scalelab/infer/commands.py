@@ -49,7 +49,7 @@ def _cmd_import(args) -> None:
 
     out = import_checkpoint(args.src, args.out, block_size=args.block_size, chat_template_file=args.chat_template,
                             overwrite=args.overwrite)
-    info = json.loads((out / "import.json").read_text())
+    info = json.loads((out / "summary.json").read_text())
     print(f"imported {args.src} ({info['architecture']}, {info['params']:,} parameters) as the run folder {out}")
 
 

@@ -13,8 +13,8 @@ Hugging Face folder that is then imported like any other.
 
 The run folder has the layout pretraining writes: ``config.toml``, ``tokenizer/`` (the checkpoint's
 own ``tokenizer.json``, never retrained, plus its chat template) and ``checkpoints/step_000000`` in
-the usual checkpoint format, so every command that takes a run opens it unchanged. ``import.json``
-records where it came from.
+the usual checkpoint format, so every command that takes a run opens it unchanged. ``summary.json``
+(stage "import") records where it came from, which the report card shows.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def checkpoint_tokenizer(folder: Path, hf: dict, vocab_size: int, chat_template:
 
 
 def write_run(out: Path, model: GPT, tokenizer: CheckpointTokenizer, source: dict, overwrite: bool = False) -> Path:
-    """Write the run folder (config.toml, tokenizer/, checkpoints/step_000000, import.json) in one go.
+    """Write the run folder (config.toml, tokenizer/, checkpoints/step_000000, summary.json) in one go.
 
     Everything goes to a hidden sibling folder that is renamed into place at the end, so a failure
     part-way leaves nothing under ``out``.
@@ -228,7 +228,7 @@ def write_run(out: Path, model: GPT, tokenizer: CheckpointTokenizer, source: dic
         # An untouched AdamW: its state_dict holds no moments, only the hyper-parameters
         ckpt.save_checkpoint(tmp / "checkpoints", model, torch.optim.AdamW(model.parameters()), 0, {},
                              extra={"imported_from": source})
-        (tmp / "import.json").write_text(json.dumps(source, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps({"stage": "import", **source}, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
