@@ -153,6 +153,10 @@ class SFTConfig:
     lr: float = 3e-4
     warmup_steps: int = 20
     eval_every: int = 50
+    lora_rank: int = 0  # 0: full fine-tuning; r > 0: LoRA adapters of rank r (the run saves the merged model too)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
 
 
 @dataclass

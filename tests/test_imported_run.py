@@ -35,15 +35,18 @@ def _overrides(out, **extra):
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
-def test_sft_on_imported_run_learns_its_template(tmp_path, imported):
+def _sft_config(tmp_path, out, **extra):
     torch.set_num_threads(1)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
+    return load_config(None, _overrides(out, **{"sft.data": '"jsonl"', "sft.path": f'"{data}"', "sft.steps": "12",
+                                               "sft.batch_size": "4", "sft.lr": "3e-3", "sft.warmup_steps": "2",
+                                               "sft.val_fraction": "0.0", "sft.pack": "false", **extra}))
+
+
+def test_sft_on_imported_run_learns_its_template(tmp_path, imported):
     out = tmp_path / "sft"
-    cfg = load_config(None, _overrides(out, **{"sft.data": '"jsonl"', "sft.path": f'"{data}"', "sft.steps": "12",
-                                              "sft.batch_size": "4", "sft.lr": "3e-3", "sft.warmup_steps": "2",
-                                              "sft.val_fraction": "0.0", "sft.pack": "false"}))
-    run_sft(cfg, imported)
+    run_sft(_sft_config(tmp_path, out), imported)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert losses[-1] < 0.5 * losses[0]
     # the SFT run is a run folder with the same tokenizer and template; the model now answers in the template
@@ -107,3 +110,38 @@ def test_report_card_and_harness_open_an_imported_run(tmp_path, imported):
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| addition | 0 | 3 | exact_match" in r.stdout
+
+
+def test_lora_sft_saves_a_mergeable_adapter(tmp_path, imported):
+    pytest.importorskip("peft")
+    from scalelab.posttrain.lora import ADAPTER_FILE, merge_adapter
+    from scalelab.train.checkpoint import load_model
+
+    out = tmp_path / "lora"
+    summary = run_sft(_sft_config(tmp_path, out, **{"sft.lr": "1e-2", "sft.lora_rank": "4"}), imported)
+    base = load_model(imported)
+    assert 0 < summary["trainable_params"] < base.num_params() / 4 and summary["peak_rss_mb"] > 0
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses[-1] < 0.7 * losses[0]
+    tuned = load_model(out)  # the run's checkpoint is the merged model
+    merged = merge_adapter(base, out / ADAPTER_FILE)
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), tuned.state_dict().values()))
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # only adapted layers moved
+
+
+def test_merged_lora_model_computes_what_the_adapted_one_does():
+    pytest.importorskip("peft")
+    from scalelab.model.gpt import GPT, GPTConfig
+    from scalelab.posttrain.lora import attach, merged_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, depth=2, n_embd=32, head_dim=8, mlp="swiglu"))
+    attach(model, rank=2, alpha=6.0, targets=["q_proj", "down_proj"])
+    with torch.no_grad():  # peft starts lora_B at zero, which would hide a wrong merge
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert (model(ids) - merged_model(model, 2, 6.0)(ids)).abs().max() < 1e-5

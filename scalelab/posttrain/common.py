@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -157,6 +158,11 @@ def run_steps(
     if bar:
         bar.close()
     return losses, last_eval
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (what fine-tuning a model costs in RAM)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
 def write_json(path: Path, obj) -> None:
