@@ -145,3 +145,14 @@ def test_merged_lora_model_computes_what_the_adapted_one_does():
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         assert (model(ids) - merged_model(model, 2, 6.0)(ids)).abs().max() < 1e-5
+
+
+def test_grpo_runs_on_an_imported_run(tmp_path, imported):
+    r = subprocess.run(scalelab_cmd("grpo", "--config", "configs/grpo.toml", "--init", str(imported), *sum((
+        ["--set", o] for o in _overrides(tmp_path / "grpo", **{
+            "run.progress": "false", "grpo.steps": "2", "grpo.prompts_per_step": "2", "grpo.group_size": "2",
+            "grpo.max_new_tokens": "8", "grpo.eval_every": "2", "grpo.eval_problems": "4",
+            "grpo.dynamic_sampling": "false"})), [])),
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "grpo" / "summary.json").is_file()
