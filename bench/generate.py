@@ -19,6 +19,9 @@ of different prompt and answer lengths to both. Each time is the best of ``--rep
 runs after a warm-up. Results are appended to bench/results/generate.md.
 
     python bench/generate.py [--depth 6] [--n-embd 384] [--new-tokens 64] [--prompt-len 64]
+
+``--run RUN`` benchmarks a run folder's model instead, e.g. a real checkpoint brought in with
+``scalelab import`` (docs/real_models.md); the prompts are then its tokenizer's encoding of the corpus.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from results_file import append_results
 from scalelab.infer.export_hf import export_hf
 from scalelab.infer.sample import SamplingParams, generate
 from scalelab.model.gpt import GPT, GPTConfig
-from scalelab.tokenizer import build_tokenizer
+from scalelab.tokenizer import build_tokenizer, load_tokenizer
+from scalelab.train.checkpoint import load_model
 
 HF_COMPILED = "HF generate, static cache + torch.compile"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -163,6 +167,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides run in this dtype")
     ap.add_argument("--qk-norm", action="store_true", help="export as Qwen3 instead of Llama")
     ap.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile rows")
+    ap.add_argument("--run", default=None, help="benchmark this run folder's model (e.g. an imported checkpoint)")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "generate.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,8 +177,11 @@ def main() -> None:
     from scalelab.infer.engine import Engine, GenerationParams
 
     docs = corpus()
-    tok = build_tokenizer("bpe", docs, args.vocab)
-    model = random_model(tok.vocab_size, args.depth, args.n_embd, args.head_dim, args.block, args.qk_norm)
+    if args.run:
+        tok, model = load_tokenizer(Path(args.run) / "tokenizer"), load_model(args.run)
+    else:
+        tok = build_tokenizer("bpe", docs, args.vocab)
+        model = random_model(tok.vocab_size, args.depth, args.n_embd, args.head_dim, args.block, args.qk_norm)
     with tempfile.TemporaryDirectory() as d:
         export_hf(model, tok, Path(d) / "hf")
         dtype = getattr(torch, args.dtype)
@@ -292,7 +300,8 @@ def main() -> None:
     c = model.config
     lines = [
         f"model: depth {c.depth}, width {c.n_embd}, heads {c.n_head} (head_dim {c.head_dim}), mlp swiglu, "
-        f"qk_norm {c.qk_norm}, vocab {c.vocab_size}; {model.num_params():,} parameters; {args.dtype}, exported as "
+        f"qk_norm {c.qk_norm}, vocab {c.vocab_size}; {model.num_params():,} parameters"
+        + (f" (run {args.run})" if args.run else "") + f"; {args.dtype}, exported as "
         f"{type(hf).__name__} (transformers {transformers.__version__}, torch {torch.__version__})",
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no stop tokens; "
         f"best of {args.repeats} round-robin runs after a warm-up; torch threads {torch.get_num_threads()}",

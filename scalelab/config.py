@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"  # bpe | char | byte
+    kind: str = "bpe"  # bpe | char | byte | hf (an imported checkpoint's own tokenizer; needs path)
     vocab_size: int = 2048  # bpe only; char and byte derive theirs
     path: str = ""  # reuse a saved tokenizer instead of training one
     sample: str = "head"  # what BPE trains on: head (the first sample_bytes) | uniform (a uniform sample of documents)
@@ -181,6 +181,10 @@ class SFTConfig:
     batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
     eval_every: int = 50
+    lora_rank: int = 0  # 0: full fine-tuning; r > 0: LoRA adapters of rank r (the run saves the merged model too)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
 
 
 @dataclass
@@ -507,7 +511,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.shard_tokens >= 1, "data.shard_tokens must be positive"),
         (cfg.tokenizer.sample in ("head", "uniform"), "tokenizer.sample must be head or uniform"),
         (cfg.tokenizer.sample_bytes >= 1, "tokenizer.sample_bytes must be positive"),
-        (cfg.tokenizer.kind in ("bpe", "char", "byte"), "tokenizer.kind must be one of bpe, char, byte"),
+        (cfg.tokenizer.kind in ("bpe", "char", "byte", "hf"), "tokenizer.kind must be one of bpe, char, byte, hf"),
+        (cfg.tokenizer.kind != "hf" or bool(cfg.tokenizer.path),
+         "tokenizer.path is required when tokenizer.kind = 'hf' (an imported checkpoint's tokenizer folder)"),
         (cfg.tokenizer.vocab_size >= 256 + 16 or cfg.tokenizer.kind != "bpe", "tokenizer.vocab_size must be at least 272 for bpe"),
         (cfg.train.steps >= 1, "train.steps must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),

@@ -73,7 +73,7 @@ def _cmd_serve(args) -> None:
                      memory_budget=args.memory_budget)
     engine = app.state.engine
     print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
-          f"queue {engine.max_waiting}, tools {'off' if args.no_tools else 'on'}) "
+          f"queue {engine.max_waiting}, tools {'on' if app.state.tools else 'off'}) "
           f"at http://{args.host}:{args.port}/ {f'with {len(keys)} API key(s)' if keys else 'without an API key'}",
           flush=True)
     protocol = header_timeout_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S)

@@ -1,10 +1,14 @@
 """Export a scalelab model to a Hugging Face ``transformers`` folder.
 
-Our GPT maps onto two HF architectures without any approximation:
+Our GPT maps onto three HF architectures without any approximation:
 
 - ``mlp = "swiglu"``, ``qk_norm = false`` -> ``LlamaForCausalLM``
 - ``mlp = "swiglu"``, ``qk_norm = true``  -> ``Qwen3ForCausalLM`` (Llama plus a per-head RMSNorm on
   q and k, applied after the projection and before RoPE, exactly where ours is)
+- ``mlp = "swiglu"``, ``attn_bias = true`` (imported Qwen2 models) -> ``Qwen2ForCausalLM``
+  (Llama plus biases on q, k and v)
+
+``scalelab import`` (:mod:`scalelab.infer.import_hf`) is the inverse and uses the same names.
 
 Why these are exact: both use pre-norm blocks without biases, RMSNorm as ``x / rms(x) * w`` (not
 ``1 + w``) with one eps everywhere, rotate-half RoPE with ``inv_freq = theta^(-2i/d)``, attention
@@ -40,6 +44,8 @@ from scalelab.tokenizer.tokenizers import SPECIAL_TOKENS, Tokenizer
 _KNOWN_FIELDS = {
     "vocab_size", "block_size", "depth", "aspect_ratio", "head_dim", "n_embd", "n_head", "n_kv_head",
     "mlp", "mlp_hidden", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps", "init_std",
+    "attn_bias", "attn_dim", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_context",
 }
 
 _RENAMES = [
@@ -49,6 +55,7 @@ _RENAMES = [
     (r"^blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
     (r"^blocks\.(\d+)\.mlp_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"^blocks\.(\d+)\.attn\.([qkvo]_proj|q_norm|k_norm)\.weight$", r"model.layers.\1.self_attn.\2.weight"),
+    (r"^blocks\.(\d+)\.attn\.([qkv]_proj)\.bias$", r"model.layers.\1.self_attn.\2.bias"),
     (r"^blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$", r"model.layers.\1.mlp.\2.weight"),
 ]
 
@@ -66,7 +73,30 @@ def hf_architecture(cfg: GPTConfig) -> str:
             f"cannot export to hf: model.mlp={cfg.mlp} has no exact Llama/Qwen3 equivalent "
             "(their MLPs are gated); train with model.mlp=\"swiglu\""
         )
+    if cfg.attn_bias and cfg.qk_norm:
+        raise ScalelabError("cannot export to hf: model.attn_bias with model.qk_norm matches no Hugging Face class")
+    if cfg.attn_bias:
+        return "Qwen2ForCausalLM"
     return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+
+
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def hf_weight_name(name: str) -> str:
+    """The Hugging Face name of one of our weights (``blocks.0.attn.q_proj.weight`` -> ``model.layers.0...``)."""
+    for pattern, repl in _RENAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise ScalelabError(f"cannot export to hf: no Hugging Face name for weight {name!r}")
+
+
+def _rope_parameters(c: GPTConfig) -> dict:
+    params = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling == "llama3":
+        params.update(rope_type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                      high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_context)
+    return params
 
 
 def hf_config(model: GPT, tokenizer: Tokenizer | None, dtype: str = "float32") -> dict:
@@ -76,9 +106,11 @@ def hf_config(model: GPT, tokenizer: Tokenizer | None, dtype: str = "float32") -
     bos = special.get("<|bos|>")
     # A base model ends a document where the next BOS starts; a chat model ends its turn.
     eos = [i for i in (bos, special.get("<|assistant_end|>")) if i is not None] or None
+    if tokenizer is not None and tokenizer.kind == "hf":  # an imported checkpoint keeps its own stop tokens
+        eos = list(tokenizer.stop_ids)
     cfg = {
         "architectures": [arch],
-        "model_type": "qwen3" if arch.startswith("Qwen3") else "llama",
+        "model_type": _MODEL_TYPES[arch],
         "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd,
         "intermediate_size": c.mlp_hidden,
@@ -91,7 +123,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer | None, dtype: str = "float32") -
         "rms_norm_eps": c.norm_eps,
         # transformers >= 5 reads rope_parameters; 4.x reads rope_theta
         "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": _rope_parameters(c),
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -102,7 +134,9 @@ def hf_config(model: GPT, tokenizer: Tokenizer | None, dtype: str = "float32") -
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    if arch.startswith("Qwen3"):
+    if c.rope_scaling:
+        cfg["rope_scaling"] = cfg["rope_parameters"]  # transformers 4.x reads the scaling from here
+    if arch.startswith("Qwen"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.depth)
     else:
         cfg.update(mlp_bias=False, pretraining_tp=1)
@@ -116,16 +150,23 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
             continue  # recomputed buffers, not weights
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue  # HF ties it back to embed_tokens (tie_word_embeddings)
-        for pattern, repl in _RENAMES:
-            if re.match(pattern, name):
-                out[re.sub(pattern, repl, name)] = tensor.detach().to("cpu", dtype).contiguous()
-                break
-        else:
-            raise ScalelabError(f"cannot export to hf: no Hugging Face name for weight {name!r}")
+        out[hf_weight_name(name)] = tensor.detach().to("cpu", dtype).contiguous()
     return out
 
 
+def export_checkpoint_tokenizer(tokenizer, out: Path, max_length: int) -> None:
+    """An imported checkpoint's tokenizer goes back as it came: tokenizer.json, its special tokens, its template."""
+    tokenizer.hf.save(str(out / "tokenizer.json"))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens, "model_max_length": max_length,
+               "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    if tokenizer.chat_template is not None:
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
 def export_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
+    if tokenizer.kind == "hf":
+        return export_checkpoint_tokenizer(tokenizer, out, max_length)
     if tokenizer.kind != "bpe":
         raise ScalelabError(
             f"cannot export a {tokenizer.kind} tokenizer to hf (only BPE has a tokenizer.json); "

@@ -6,7 +6,7 @@ scalelab.parallel and wrap this module from outside.
 Choices (each a common modern default):
 - RoPE in the rotate-half layout and learnable RMSNorm weights, so the weights
   map one-to-one onto Llama/Qwen3-style checkpoints for export;
-- pre-norm residual blocks, no biases;
+- pre-norm residual blocks, no biases (q/k/v biases optional, for imported Qwen2 checkpoints);
 - ReLU² or SwiGLU MLP; optional per-head QK RMSNorm (stabilises attention logits);
 - grouped-query attention through scaled_dot_product_attention;
 - one size dial: ``depth`` sets width (depth × aspect_ratio) and heads (width / head_dim).
@@ -41,6 +41,15 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # The fields below exist for imported checkpoints (scalelab.infer.import_hf); their defaults
+    # leave every model trained here exactly as it was.
+    attn_bias: bool = False  # biases on q/k/v (Qwen2), never on o_proj
+    attn_dim: int = 0  # n_head * head_dim when it differs from n_embd (e.g. Qwen3, Mistral-Nemo); 0: n_embd
+    rope_scaling: str = ""  # "" (none) | "llama3": Llama 3.1's frequency-dependent RoPE stretch
+    rope_factor: float = 1.0  # llama3: how much the low frequencies are stretched
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 0  # llama3: the context the model was pretrained at
 
     def resolved(self) -> "GPTConfig":
         """A copy with every derived size filled in."""
@@ -49,9 +58,11 @@ class GPTConfig:
             c.n_embd = c.depth * c.aspect_ratio
         if c.n_head == 0:
             c.n_head = max(1, c.n_embd // c.head_dim)
-        if c.n_embd % c.n_head:
-            raise ScalelabError(f"invalid config: model.n_embd={c.n_embd} is not divisible by model.n_head={c.n_head}")
-        c.head_dim = c.n_embd // c.n_head
+        width = c.attn_dim or c.n_embd
+        if width % c.n_head:
+            name = "attn_dim" if c.attn_dim else "n_embd"
+            raise ScalelabError(f"invalid config: model.{name}={width} is not divisible by model.n_head={c.n_head}")
+        c.head_dim = width // c.n_head
         if c.n_kv_head == 0:
             c.n_kv_head = c.n_head
         if c.n_head % c.n_kv_head:
@@ -69,11 +80,31 @@ class GPTConfig:
             raise ScalelabError("invalid config: model.mlp must be one of relu2, swiglu, gelu")
         if self.head_dim % 2:
             raise ScalelabError("invalid config: model.head_dim must be even (RoPE rotates pairs)")
+        if self.rope_scaling not in ("", "llama3"):
+            raise ScalelabError(f"invalid config: model.rope_scaling must be \"\" or \"llama3\", got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3" and (self.rope_original_context < 1 or self.rope_factor <= 0
+                                              or self.rope_high_freq_factor <= self.rope_low_freq_factor):
+            raise ScalelabError("invalid config: model.rope_scaling=\"llama3\" needs rope_original_context >= 1, "
+                                "rope_factor > 0 and rope_high_freq_factor > rope_low_freq_factor")
         self.resolved()
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(inv_freq: torch.Tensor, c: GPTConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths shorter than original_context / high_freq_factor stay,
+    longer than original_context / low_freq_factor are stretched by ``factor``, and the band between
+    is interpolated linearly in original_context / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = c.rope_original_context / wavelen
+    smooth = ((ratio - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / c.rope_factor + smooth * inv_freq
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None,
+                scaling: GPTConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim); ``scaling``: a config whose rope_scaling is "llama3"."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if scaling is not None and scaling.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout, as in Llama checkpoints
@@ -148,9 +179,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
-        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
@@ -219,7 +250,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta)
+        cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, scaling=c)
         # Buffers are not persistent: they are recomputed, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -231,6 +262,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("_proj.bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 # Zero-init residual outputs: every block starts as the identity, which
                 # lets a high learning rate work from step one.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -107,6 +108,11 @@ def run_steps(
     if bar:
         bar.close()
     return losses, last_eval
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (what fine-tuning a model costs in RAM)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
 def write_json(path: Path, obj) -> None:

@@ -251,7 +251,7 @@ def tokenize_preferences(tokenizer, prefs: list[Preference], max_len: int):
         prompt = prompt_ids(tokenizer, p.prompt)
         pair = []
         for reply in (p.chosen, p.rejected):
-            r = reply_ids(tokenizer, reply)
+            r = reply_ids(tokenizer, reply, p.prompt)
             pair.append((prompt + r, [0] * len(prompt) + [1] * len(r)))
         if max(len(pair[0][0]), len(pair[1][0])) > max_len:
             dropped += 1

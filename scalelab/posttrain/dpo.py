@@ -110,6 +110,7 @@ def run_dpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
                                     device, "dpo", cfg.run.progress)
     path = common.save(run, policy, optimizer, tcfg.steps, "dpo")
     summary = {"stage": "dpo", "init": str(init.path), "steps": tcfg.steps, "final_loss": losses[-1], **last,
+               "peak_rss_mb": common.peak_rss_mb(),
                "checkpoint": str(path), "wall_seconds": time.perf_counter() - t0}
     records = [_record(p) for p in val_p if "answer" in p.meta]
     if records:

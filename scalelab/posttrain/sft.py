@@ -10,7 +10,7 @@ import torch
 from scalelab.config import Config
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
-from scalelab.posttrain import common
+from scalelab.posttrain import common, lora
 from scalelab.posttrain.data import (
     load_conversations,
     load_hf_conversations,
@@ -88,10 +88,13 @@ def run_sft(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     val = build_blocks(tok, val_recs, block, cfg.sft.pack, cfg.run.seed)[0] if val_recs else None
     write_jsonl(run / "sft_val.jsonl", val_recs)
     tcfg = common.stage_train_config(cfg.train, cfg.sft)
+    s = cfg.sft
+    trainable = lora.attach(model, s.lora_rank, s.lora_alpha, s.lora_targets) if s.lora_rank else model.num_params()
     optimizer = build_optimizer(model, tcfg.optim)
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="sft", conversations=len(train_recs), blocks=len(train_ids),
-               dropped_too_long=dropped, trained_tokens=int(train_mask[:, 1:].sum()), params=model.num_params())
+               dropped_too_long=dropped, trained_tokens=int(train_mask[:, 1:].sum()), params=model.num_params(),
+               trainable_params=trainable, lora_rank=s.lora_rank)
     batches = common.epoch_batches(len(train_ids), min(tcfg.batch_size, len(train_ids)), cfg.run.seed)
 
     def step_fn(step):
@@ -107,8 +110,13 @@ def run_sft(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict:
     t0 = time.perf_counter()
     losses, last = common.run_steps(model.parameters(), optimizer, tcfg, step_fn, eval_fn, cfg.sft.eval_every, logger,
                                     device, "sft", cfg.run.progress)
+    peak_rss = common.peak_rss_mb()  # of training itself, before merging makes a second copy
+    if s.lora_rank:
+        lora.save_adapter(model, run / lora.ADAPTER_FILE, s.lora_rank, s.lora_alpha)
+        model = lora.merged_model(model, s.lora_rank, s.lora_alpha)
     path = common.save(run, model, optimizer, tcfg.steps, "sft")
     summary = {"stage": "sft", "init": str(init.path), "steps": tcfg.steps, "final_loss": losses[-1], **last,
+               "peak_rss_mb": peak_rss, "trainable_params": trainable,
                "checkpoint": str(path), "wall_seconds": time.perf_counter() - t0}
     if cfg.sft.data == "mixture" and val_recs:
         summary.update(common.chat_exact_match(model, tok, val_recs[:128], cfg.eval.max_new_tokens))

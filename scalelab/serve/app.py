@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalelab.errors import ScalelabError
-from scalelab.infer.chat import chat_stop_ids, render_chat
+from scalelab.infer.chat import chat_stop_ids, render_chat, uses_template
 from scalelab.infer.engine import Engine, GenerationParams, QueueFull, QueueTimeout
 from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
@@ -85,7 +85,8 @@ def create_app(
 
     With ``tools``, a tool call the model writes (calculator, or ``bio:`` into the memory store) is
     run inside the request and its output fed back before generation goes on, at most
-    ``max_tool_calls`` times per choice.
+    ``max_tool_calls`` times per choice. An imported checkpoint (its own chat template) is served
+    without tools.
 
     ``api_key``: one key or several (each caller's memories and limits are its key's); ``host`` is
     the bound address, which Host headers must name (or one of ``allowed_hosts``); browser pages
@@ -110,6 +111,9 @@ def create_app(
     tok, context = engine.tokenizer, engine.context
     budget = memory_budget if memory_budget is not None else context // 4
     max_token_bytes = max(1, int(tok.token_byte_lengths().max()))
+    # Tool calls are written in scalelab's tool tokens; an imported checkpoint has none (its own tool
+    # format, if any, lives in its chat template), so it is served without them.
+    tools = tools and not uses_template(tok)
     page = CHAT_PAGE.read_text(encoding="utf-8")
     created = int(time.time())
 

@@ -5,6 +5,7 @@ from scalelab.tokenizer.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
+    CheckpointTokenizer,
     Tokenizer,
     build_tokenizer,
     bytes_per_token,
@@ -13,6 +14,6 @@ from scalelab.tokenizer.tokenizers import (
 )
 
 __all__ = [
-    "SPECIAL_TOKENS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "build_tokenizer",
+    "SPECIAL_TOKENS", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CheckpointTokenizer", "Tokenizer", "build_tokenizer",
     "bytes_per_token", "load_tokenizer", "train_bpe",
 ]

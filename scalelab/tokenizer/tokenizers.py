@@ -1,7 +1,7 @@
-"""Tokenizers: byte-level BPE (HF ``tokenizers``), characters, and raw bytes.
+"""Tokenizers: byte-level BPE (HF ``tokenizers``), characters, raw bytes, and an imported checkpoint's own.
 
-All three share one interface and reserve the same special tokens for chat and
-tools. Special tokens are never produced from user text: ``encode`` treats a
+The first three share one interface and reserve the same special tokens for chat and
+tools (the fourth, :class:`CheckpointTokenizer`, maps what it can onto them). Special tokens are never produced from user text: ``encode`` treats a
 string like "<|bos|>" inside text as ordinary characters, so data cannot forge
 a turn boundary; special ids come only from ``token_id``.
 """
@@ -31,6 +31,7 @@ SPECIAL_TOKENS = (
     "<|tool_output_end|>",
 )
 META_FILE = "tokenizer_meta.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class Tokenizer:
@@ -206,6 +207,91 @@ class BPETokenizer(Tokenizer):
         (d / META_FILE).write_text(json.dumps({"kind": self.kind}), encoding="utf-8")
 
 
+class CheckpointTokenizer(Tokenizer):
+    """A published checkpoint's own ``tokenizer.json`` (HF ``tokenizers``), used as shipped, never retrained.
+
+    It has none of scalelab's chat tokens; its chat format is its Jinja ``chat_template``
+    (:mod:`scalelab.tokenizer.chat_template`). Two scalelab names are mapped so that code written
+    for scalelab's tokenizers runs unchanged: ``<|bos|>`` is the checkpoint's BOS token (its EOS when
+    it has none, as GPT-2 and Qwen separate documents with it) and ``<|assistant_end|>`` its EOS,
+    which chat models write to end their turn. ``stop_ids`` are every id that ends generation
+    (``generation_config.json``'s eos_token_id list included).
+
+    ``encode`` reads special-token strings inside text as plain text, like the other tokenizers;
+    ``encode_chat`` parses them, since a rendered chat template writes them as text.
+    """
+
+    kind = "hf"
+
+    def __init__(self, hf_tokenizer, meta: dict, chat_template: str | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.hf = hf_tokenizer
+        self.hf.encode_special_tokens = True
+        self._chat = HFTokenizer.from_str(hf_tokenizer.to_str())  # same vocabulary, special strings parsed
+        self._chat.encode_special_tokens = False
+        self.vocab_size = int(meta.get("vocab_size") or hf_tokenizer.get_vocab_size())
+        self.special_tokens = {k: v for k, v in (meta.get("special_tokens") or {}).items() if isinstance(v, str)}
+        self.chat_template = chat_template
+        eos = self._id_of(self.special_tokens.get("eos_token"))
+        bos = self._id_of(self.special_tokens.get("bos_token"))
+        self.stop_ids = tuple(dict.fromkeys([i for i in [eos, *meta.get("stop_ids", [])] if i is not None]))
+        if not self.stop_ids:
+            raise ScalelabError("the checkpoint's tokenizer has no eos token: set eos_token in tokenizer_config.json")
+        self.special_ids = {"<|bos|>": bos if bos is not None else self.stop_ids[0],
+                            "<|assistant_end|>": eos if eos is not None else self.stop_ids[0]}
+        self._special_set = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    def _id_of(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise ScalelabError(f"special token {token!r} named in tokenizer_config.json is not in tokenizer.json")
+        return i
+
+    def token_id(self, special: str) -> int:
+        if special not in self.special_ids:
+            raise ScalelabError(
+                f"this imported model's tokenizer has no scalelab token {special!r}: its chat format is its own chat "
+                "template, and features built on scalelab's chat and tool tokens do not apply to it"
+            )
+        return self.special_ids[special]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if add_bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_chat(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of rendered chat-template text (special strings become their ids) and each token's char span."""
+        enc = self._chat.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        n = self.hf.get_vocab_size()
+        pieces = self.hf.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        lengths[:n] = [len(p.encode("utf-8")) for p in pieces]
+        lengths[[i for i in self._special_set if i < self.vocab_size]] = 0
+        return lengths
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(d / "tokenizer.json"))
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
+                "stop_ids": list(self.stop_ids)}
+        (d / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        if self.chat_template is not None:
+            (d / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """Train byte-level BPE: special tokens take ids 0..8, then the 256 bytes, then merges.
 
@@ -248,6 +334,19 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 2048) -> 
     raise ScalelabError(f"unknown tokenizer kind '{kind}' (use bpe, char or byte)")
 
 
+def read_tokenizer_json(directory: Path, what: str = "tokenizer"):
+    """The HF ``tokenizers`` object in ``directory/tokenizer.json``, or a one-line error."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf_path = directory / "tokenizer.json"
+    if not hf_path.is_file():
+        raise ScalelabError(f"no {what} in {directory} (missing tokenizer.json)")
+    try:
+        return HFTokenizer.from_file(str(hf_path))
+    except Exception as e:  # the Rust side raises a bare Exception for unparsable files
+        raise ScalelabError(f"{hf_path} is not a readable tokenizers file ({e})") from None
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer that ``Tokenizer.save`` wrote to ``directory``."""
     d = Path(directory)
@@ -265,14 +364,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if not isinstance(meta.get("chars"), list):
             raise ScalelabError(f"{meta_path}: a char tokenizer needs a 'chars' list")
         return CharTokenizer(meta["chars"])
-    if kind == "bpe":
-        hf_path = d / "tokenizer.json"
-        if not hf_path.is_file():
-            raise ScalelabError(f"no BPE tokenizer in {d} (missing tokenizer.json)")
-        try:
-            hf = HFTokenizer.from_file(str(hf_path))
-        except Exception as e:  # the Rust side raises a bare Exception for unparsable files
-            raise ScalelabError(f"{hf_path} is not a readable tokenizers file ({e})") from None
+    if kind in ("bpe", "hf"):
+        hf = read_tokenizer_json(d, "BPE tokenizer" if kind == "bpe" else "checkpoint tokenizer")
+        if kind == "hf":
+            template = d / CHAT_TEMPLATE_FILE
+            return CheckpointTokenizer(hf, meta, template.read_text(encoding="utf-8") if template.is_file() else None)
         return BPETokenizer(hf)
     raise ScalelabError(f"{meta_path}: unknown tokenizer kind {kind!r}")
 
