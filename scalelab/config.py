@@ -57,7 +57,7 @@ class TokenizerConfig:
     sample_bytes: int = 100_000_000  # bytes of training-split text BPE trains on (user corpora)
 
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -70,7 +70,7 @@ class OptimConfig:
     from ``[train.optim]``, except the ones the stage fixes itself (see STAGE_OPTIM_DEFAULTS).
     """
 
-    name: str = "adamw"  # OPTIMIZERS
+    name: str = "adamw"  # OPTIMIZERS: adamw | muon (Muon on the hidden matrices, AdamW on the rest)
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 50  # linear warmup from lr / warmup_steps
     schedule: str = "cosine"  # SCHEDULES: cosine | wsd | constant, after the warmup
@@ -81,6 +81,11 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0: none
+    # name = "muon" only: the hidden 2-D matrices get torch.optim.Muon; embeddings, lm_head and norms keep
+    # AdamW at ``lr``. The schedule scales both rates alike.
+    muon_lr: float = 0.02  # peak Muon rate (torch's "original" shape adjustment on top)
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon update
+    muon_weight_decay: float = 0.0  # decoupled, as torch.optim.Muon applies it: p *= 1 - rate * decay
 
 
 @dataclass
@@ -420,14 +425,16 @@ def read_toml(path: str | Path) -> dict:
 # What a post-training stage fixes in its optimizer section; its other keys default to [train.optim]'s.
 # SFT, RM and DPO take their own rate and warmup; PPO and GRPO keep a constant rate (after any warmup)
 # with the betas of the usual RL recipes, and GRPO no weight decay.
+# Every stage fixes AdamW: Muon (train.optim.name = "muon") is a pretraining choice, and a stage that wants
+# it says so in its own section.
 _RL_OPTIM = {"warmup_steps": 0, "schedule": "constant", "beta1": 0.9, "beta2": 0.95}
 STAGE_OPTIM_DEFAULTS: dict[str, dict] = {
-    "sft.optim": {"lr": 3e-4, "warmup_steps": 20},
-    "rm.optim": {"lr": 1e-4, "warmup_steps": 10},
-    "dpo.optim": {"lr": 5e-5, "warmup_steps": 10},
-    "ppo.optim": {"lr": 1e-5, **_RL_OPTIM},
-    "ppo.critic_optim": {"lr": 1e-4, **_RL_OPTIM},
-    "grpo.optim": {"lr": 1e-5, "weight_decay": 0.0, **_RL_OPTIM},
+    "sft.optim": {"name": "adamw", "lr": 3e-4, "warmup_steps": 20},
+    "rm.optim": {"name": "adamw", "lr": 1e-4, "warmup_steps": 10},
+    "dpo.optim": {"name": "adamw", "lr": 5e-5, "warmup_steps": 10},
+    "ppo.optim": {"name": "adamw", "lr": 1e-5, **_RL_OPTIM},
+    "ppo.critic_optim": {"name": "adamw", "lr": 1e-4, **_RL_OPTIM},
+    "grpo.optim": {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, **_RL_OPTIM},
 }
 # Optimizer keys that sat directly in a stage's section before [STAGE.optim] existed: still read (and
 # moved, with a warning) so that run folders and recipes written then keep working for one release.
@@ -573,6 +580,9 @@ def optim_checks(o: OptimConfig, name: str) -> list[tuple[bool, str]]:
         (o.weight_decay >= 0 and o.grad_clip >= 0, f"{name}.weight_decay and {name}.grad_clip must be >= 0"),
         (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, f"{name}.beta1 and {name}.beta2 must be in [0, 1)"),
         (o.eps > 0, f"{name}.eps must be positive"),
+        (o.muon_lr > 0, f"{name}.muon_lr must be positive"),
+        (0.0 <= o.muon_momentum < 1.0, f"{name}.muon_momentum must be in [0, 1)"),
+        (o.muon_weight_decay >= 0, f"{name}.muon_weight_decay must be >= 0"),
     ]
 
 

@@ -28,7 +28,7 @@ from scalelab.parallel.setup import ParallelSetup
 from scalelab.runtime import autocast_context, resolve_device, seed_everything
 from scalelab.train import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import build_optimizer, lr_at
+from scalelab.train.optim import build_optimizer, lr_at, set_lr
 from scalelab.train.spike import FaultInjector, SpikeGuard, agree_on_loss
 
 
@@ -235,8 +235,7 @@ class Trainer:
         lr = lr_at(self.step, t.optim, t.steps)
         if self.fault:
             lr *= self.fault.lr_factor(self.step + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)  # each group's lr_scale (Muon's rate) rides on the schedule
         x, y = self.loader.next_batch()
         if self.fault:
             x, y = self.fault.batch(
