@@ -102,7 +102,7 @@ def test_serve_imported_run_with_openai_client(imported):
 
 
 def test_report_card_and_harness_open_an_imported_run(tmp_path, imported):
-    from scalelab.report_card import collect_run
+    from scalelab.report import collect_run
 
     info = collect_run(imported)
     assert info.stage == "import" and info.metrics["params"] > 0

@@ -14,23 +14,17 @@ and the peak RSS of our pipeline over the first 0.5, 1 and 2 GB (or the sizes gi
 measurement runs in a fresh subprocess, so peaks and thread pools do not leak between them.
 Results are appended to bench/results/tokenize.md.
 
-    python bench/tokenize.py [--size-gb 2] [--throughput-mb 256] [--memory-gb 0.5 1 2] [--workers 2]
+    python bench/tokenize_throughput.py [--size-gb 2] [--throughput-mb 256] [--memory-gb 0.5 1 2] [--workers 2]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file's name shadows the standard library's tokenize module (which linecache and torch import):
-# look in bench/ last, after the standard library.
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
-
-import argparse  # noqa: E402
+import argparse
 import json  # noqa: E402
+import os
 import resource  # noqa: E402
 import subprocess  # noqa: E402
+import sys
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -214,10 +208,11 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from results_file import append_results
+
     from scalelab.data.corpus import CorpusStream, tokenizer_texts
     from scalelab.data.shard_writer import BATCH_BYTES
     from scalelab.tokenizer import train_bpe
-    from results_file import append_results
 
     work = Path(a.work)
     t0 = time.perf_counter()
