@@ -40,7 +40,7 @@ def _sft_config(tmp_path, out, **extra):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
     return load_config(None, _overrides(out, **{"sft.data": '"jsonl"', "sft.path": f'"{data}"', "sft.steps": "12",
-                                               "sft.batch_size": "4", "sft.lr": "3e-3", "sft.warmup_steps": "2",
+                                               "sft.batch_size": "4", "sft.optim.lr": "3e-3", "sft.optim.warmup_steps": "2",
                                                "sft.val_fraction": "0.0", "sft.pack": "false", **extra}))
 
 
@@ -67,7 +67,7 @@ def test_dpo_on_imported_run(tmp_path, imported):
                             for _ in range(6)))
     out = tmp_path / "dpo"
     cfg = load_config(None, _overrides(out, **{"dpo.data": '"jsonl"', "dpo.path": f'"{data}"', "dpo.steps": "6",
-                                              "dpo.batch_size": "2", "dpo.lr": "1e-3", "dpo.val_fraction": "0.0"}))
+                                              "dpo.batch_size": "2", "dpo.optim.lr": "1e-3", "dpo.val_fraction": "0.0"}))
     summary = run_dpo(cfg, imported)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert losses[-1] < losses[0]
@@ -118,7 +118,7 @@ def test_lora_sft_saves_a_mergeable_adapter(tmp_path, imported):
     from scalelab.train.checkpoint import load_model
 
     out = tmp_path / "lora"
-    summary = run_sft(_sft_config(tmp_path, out, **{"sft.lr": "1e-2", "sft.lora_rank": "4"}), imported)
+    summary = run_sft(_sft_config(tmp_path, out, **{"sft.optim.lr": "1e-2", "sft.lora_rank": "4"}), imported)
     base = load_model(imported)
     assert 0 < summary["trainable_params"] < base.num_params() / 4 and summary["peak_rss_mb"] > 0
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
