@@ -58,11 +58,10 @@ def _cmd_chat(args) -> None:
 
     from scalelab.infer.chat import chat_stop_ids, render_chat
     from scalelab.infer.engine import Engine, GenerationParams
-    from scalelab.tokenizer import load_tokenizer
-    from scalelab.train.checkpoint import load_model
+    from scalelab.run import Run
 
-    model = load_model(args.run_dir)
-    tok = load_tokenizer(f"{args.run_dir}/tokenizer")
+    run = Run.open(args.run_dir)
+    model, tok = run.load_model(), run.tokenizer
     engine = Engine(model, tok, max_batch=1)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

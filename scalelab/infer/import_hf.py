@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from scalelab.config import config_from_dict, to_toml
+from scalelab.config import OptimConfig, config_from_dict, to_toml
 from scalelab.errors import ScalelabError
 from scalelab.infer.export_hf import hf_weight_name
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import CheckpointTokenizer
 from scalelab.tokenizer.tokenizers import read_tokenizer_json
 from scalelab.train import checkpoint as ckpt
+from scalelab.train.optim import build_optimizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 # Config fields that would make the model compute something GPT cannot: their presence (with a
@@ -226,7 +227,7 @@ def write_run(out: Path, model: GPT, tokenizer: CheckpointTokenizer, source: dic
         (tmp / "config.toml").write_text(to_toml(cfg))
         tokenizer.save(tmp / "tokenizer")
         # An untouched AdamW: its state_dict holds no moments, only the hyper-parameters
-        ckpt.save_checkpoint(tmp / "checkpoints", model, torch.optim.AdamW(model.parameters()), 0, {},
+        ckpt.save_checkpoint(tmp / "checkpoints", model, build_optimizer(model, OptimConfig()), 0, {},
                              extra={"imported_from": source})
         (tmp / "summary.json").write_text(json.dumps({"stage": "import", **source}, indent=2) + "\n")
         if out.exists():

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element  # private: DCP has no public setter
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,7 +37,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
-
 
 from scalelab.errors import ScalelabError
 
@@ -62,9 +64,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _safe_reader(folder: str | Path):
     """A DCP reader whose index is read, through the restricted unpickler, now: a refusal is a plain
     ScalelabError here rather than an exception wrapped inside DCP's collective machinery."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
     class SafeFileSystemReader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             metadata = self.checked_metadata
@@ -84,9 +83,6 @@ def _safe_reader(folder: str | Path):
 
 
 def _safe_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
     class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value) -> None:
             try:

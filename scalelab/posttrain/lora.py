@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from scalelab.adapt.finetune import add_lora
@@ -68,8 +69,6 @@ def save_adapter(model: GPT, path: str | Path, rank: int, alpha: float) -> Path:
 
 def merge_adapter(base: GPT, path: str | Path) -> GPT:
     """``base`` with the adapter file at ``path`` merged in (a new model; ``base`` is left as it was)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "scalelab-lora":

@@ -224,8 +224,6 @@ class CheckpointTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(self, hf_tokenizer, meta: dict, chat_template: str | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-
         self.hf = hf_tokenizer
         self.hf.encode_special_tokens = True
         self._chat = HFTokenizer.from_str(hf_tokenizer.to_str())  # same vocabulary, special strings parsed
@@ -336,8 +334,6 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 2048) -> 
 
 def read_tokenizer_json(directory: Path, what: str = "tokenizer"):
     """The HF ``tokenizers`` object in ``directory/tokenizer.json``, or a one-line error."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     hf_path = directory / "tokenizer.json"
     if not hf_path.is_file():
         raise ScalelabError(f"no {what} in {directory} (missing tokenizer.json)")
