@@ -50,3 +50,12 @@ def test_the_cli_parser_does_not_import_torch():
 def test_the_check_catches_an_upward_edge(bad):
     fake = graph.Edge(bad[0], bad[1], 1, False, "")
     assert graph.upward([fake]) == [fake]
+
+
+def test_the_old_evals_emergence_name_still_runs_with_a_deprecation_note(tmp_path):
+    """Renamed commands keep working for one release; a bad sweep folder is still one clean error line."""
+    out = subprocess.run([sys.executable, "-m", "scalelab", "evals", "emergence", "--set",
+                          f'scaling.out_dir="{tmp_path / "none"}"'], capture_output=True, text=True, cwd=ROOT)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "deprecated" in lines[0] and "experiments emergence" in lines[0]
+    assert lines[1:] == [f"scalelab: error: sweep folder not found: {tmp_path / 'none'}"]
