@@ -38,7 +38,7 @@ from scalelab.infer.export_hf import export_hf
 from scalelab.infer.sample import SamplingParams, generate
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
-from scalelab.train.checkpoint import load_model
+from scalelab.checkpoint import load_model
 
 HF_COMPILED = "HF generate, static cache + torch.compile"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"

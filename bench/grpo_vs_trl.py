@@ -54,7 +54,7 @@ from scalelab.posttrain.sft import sft_loss
 from scalelab.tasks import Problem, get_task
 from scalelab.tasks.answer_format import ANSWER_MARKER, make_reward, render_reply
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 HERE = Path(__file__).resolve().parent
 END = "<|assistant_end|>"

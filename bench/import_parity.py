@@ -22,7 +22,7 @@ from scalelab.infer.chat import render_chat
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.infer.import_hf import gguf_in_package
 from scalelab.tokenizer import load_tokenizer
-from scalelab.train.checkpoint import load_model
+from scalelab.checkpoint import load_model
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

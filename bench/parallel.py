@@ -41,7 +41,7 @@ def worker(args) -> None:
 
     from scalelab.config import load_config
     from scalelab.parallel.dist import init_distributed, shutdown
-    from scalelab.parallel.state import local_bytes
+    from scalelab.parallel.plans import local_bytes
     from scalelab.train.trainer import Trainer
 
     env = init_distributed("cpu")

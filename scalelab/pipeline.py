@@ -36,7 +36,7 @@ from scalelab.run import CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, TOKENIZER_DIR, 
 from scalelab.runtime import resolve_device
 from scalelab.tokenizer import build_tokenizer, load_tokenizer
 from scalelab.tokenizer.tokenizers import META_FILE as TOKENIZER_META
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger, read_metrics, truncate_after
 from scalelab.train.trainer import Trainer, evaluate_loss, write_json
 

@@ -27,7 +27,7 @@ from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import load_tokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 CONFIG_FILE = "config.toml"
 STAGE_FILE = "stage.json"

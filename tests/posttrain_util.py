@@ -11,7 +11,7 @@ from scalelab.config import Config, to_toml
 from scalelab.data.world import World, WorldConfig
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import ByteTokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 WORLD = WorldConfig(n_people=24, bios_per_person=1, extra_tasks={})
 

@@ -19,7 +19,8 @@ from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.parallel.dist import DistEnv
 from scalelab.pipeline import prepare
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
+from scalelab.checkpoint import folder as checkpoint_folder
 from scalelab.train.metrics import read_metrics
 from scalelab.train.trainer import Trainer
 
@@ -155,7 +156,7 @@ def test_train_state_is_never_unpickled(tmp_path, monkeypatch):
     state = path / ckpt.STATE_FILE
     torch.save({"step": 3, "evil": _Payload()}, state)
     m = json.loads((path / ckpt.META_FILE).read_text())
-    m["manifest"][ckpt.STATE_FILE] = ckpt._sha256(state)
+    m["manifest"][ckpt.STATE_FILE] = checkpoint_folder._sha256(state)
     (path / ckpt.META_FILE).write_text(json.dumps(m))
     with pytest.raises(ScalelabError, match=f"cannot read {state}: .* refused rather than unpickled") as err:
         ckpt.load_train_state(path)
@@ -177,7 +178,7 @@ def test_the_latest_pointer_only_names_a_checkpoint_beside_it(tmp_path):
 def test_a_meta_json_without_a_manifest_is_refused(tmp_path):
     path = _save(tmp_path / "ck", 3)
     meta = json.loads((path / ckpt.META_FILE).read_text())
-    for manifest in (None, {}, {ckpt.STATE_FILE: ckpt._sha256(path / ckpt.STATE_FILE)}):
+    for manifest in (None, {}, {ckpt.STATE_FILE: checkpoint_folder._sha256(path / ckpt.STATE_FILE)}):
         (path / ckpt.META_FILE).write_text(json.dumps({**meta, "manifest": manifest}))
         with pytest.raises(ScalelabError, match="cannot be verified, and is refused"):
             ckpt.load_model(path)
@@ -208,7 +209,7 @@ def _dcp_pair(seed: int):
 
 
 def test_dcp_checkpoints_load_without_unpickling_anything_else(tmp_path, monkeypatch):
-    from scalelab.parallel.state import load_dcp, save_dcp
+    from scalelab.checkpoint import load_dcp, save_dcp
 
     monkeypatch.chdir(tmp_path)
     model, optimizer = _dcp_pair(0)

@@ -108,7 +108,7 @@ def test_summary_verdict_follows_the_data():
 
 def test_fake_sweep_end_to_end(tmp_path):
     from scalelab.config import load_config, to_toml
-    from scalelab.train.checkpoint import save_checkpoint
+    from scalelab.checkpoint import save_checkpoint
 
     tok, model = ByteTokenizer(), tiny_gpt()
     sweep = tmp_path / "sweep"

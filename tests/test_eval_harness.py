@@ -18,7 +18,7 @@ from scalelab.infer.export_hf import export_run
 from scalelab.evals.probes import DIMENSIONS, build_probes, format_probe_table, run_probes
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import build_tokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 WORLD = WorldConfig(n_people=24, bios_per_person=1, extra_tasks={"arithmetic": 40})
 

@@ -19,7 +19,7 @@ from scalelab.evals.answer_scorer import generate_pairs, train_scorer
 from scalelab.experiments import abstain as ab
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
 from scalelab.tokenizer import ByteTokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 WORLD = WorldConfig(n_people=18, bios_per_person=1, unknown_fraction=0.34, extra_tasks={})
 

@@ -16,7 +16,7 @@ from scalelab.infer.export_hf import export_hf, hf_architecture
 from scalelab.infer.sample import SamplingParams, generate
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import ByteTokenizer, build_tokenizer
-from scalelab.train.checkpoint import save_checkpoint
+from scalelab.checkpoint import save_checkpoint
 
 transformers = dev_import("transformers")
 

@@ -179,7 +179,7 @@ def _grpo_args(init, out, *extra):
 
 def test_scalelab_grpo_end_to_end(tmp_path, capsys):
     from scalelab.cli import main
-    from scalelab.train import checkpoint as ckpt
+    from scalelab import checkpoint as ckpt
     from scalelab.train.metrics import read_metrics
 
     init = make_init_run(tmp_path / "base")

@@ -18,7 +18,7 @@ from scalelab.infer.export_hf import export_run  # noqa: E402
 from scalelab.infer.import_hf import import_checkpoint  # noqa: E402
 from scalelab.posttrain.chat import render_training, reply_ids  # noqa: E402
 from scalelab.tokenizer import load_tokenizer  # noqa: E402
-from scalelab.train.checkpoint import latest_checkpoint, load_model, read_safetensors  # noqa: E402
+from scalelab.checkpoint import latest_checkpoint, load_model, read_safetensors  # noqa: E402
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"

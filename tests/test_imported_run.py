@@ -51,7 +51,7 @@ def test_sft_on_imported_run_learns_its_template(tmp_path, imported):
     assert losses[-1] < 0.5 * losses[0]
     # the SFT run is a run folder with the same tokenizer and template; the model now answers in the template
     from scalelab.infer.engine import Engine, GenerationParams
-    from scalelab.train.checkpoint import load_model
+    from scalelab.checkpoint import load_model
 
     tok = load_tokenizer(out / "tokenizer")
     engine = Engine(load_model(out), tok, max_batch=1)
@@ -115,7 +115,7 @@ def test_report_card_and_harness_open_an_imported_run(tmp_path, imported):
 def test_lora_sft_saves_a_mergeable_adapter(tmp_path, imported):
     pytest.importorskip("peft")
     from scalelab.posttrain.lora import ADAPTER_FILE, merge_adapter
-    from scalelab.train.checkpoint import load_model
+    from scalelab.checkpoint import load_model
 
     out = tmp_path / "lora"
     summary = run_sft(_sft_config(tmp_path, out, **{"sft.optim.lr": "1e-2", "sft.lora_rank": "4"}), imported)

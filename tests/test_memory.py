@@ -18,7 +18,7 @@ from scalelab.infer.tools import run_with_tools
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.serve.memory import MAX_MEMORY_CHARS, MemoryNotFound, MemoryStore, build_memory_router
 from scalelab.tokenizer import ByteTokenizer
-from scalelab.train.checkpoint import save_checkpoint
+from scalelab.checkpoint import save_checkpoint
 
 
 def test_store_crud_and_context_block(tmp_path):

@@ -157,7 +157,7 @@ def test_four_processes_2d_hsdp_and_dcp_resharding(shared):
     """FSDP=2 x TP=2 and HSDP=2x2 train like 1 process; a DCP checkpoint written at FSDP=2 x TP=2
     resumes at DP=4, at FSDP=4 and at 1 process with the same next-step loss."""
     from parallel_worker import make_trainer
-    from scalelab.train.checkpoint import SHARDED_DIR, latest_checkpoint, load_model
+    from scalelab.checkpoint import SHARDED_DIR, latest_checkpoint, load_model
 
     root, spec, data, reference = shared
     run_dir = root / "dcp_run"

@@ -4,7 +4,7 @@ import torch
 
 from posttrain_util import make_init_run, one_thread  # noqa: F401 (fixture)
 from scalelab.cli import main
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import read_metrics
 
 

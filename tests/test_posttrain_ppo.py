@@ -20,7 +20,7 @@ from scalelab.posttrain.ppo import (
 )
 from scalelab.posttrain.reward_model import ScalarHeadModel
 from scalelab.tokenizer import CharTokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import read_metrics
 
 

@@ -17,7 +17,7 @@ from scalelab.posttrain.data import (
 from scalelab.posttrain.mixture import FAMILIES, instruction_mixture
 from scalelab.posttrain.sft import run_sft, sft_loss
 from scalelab.tokenizer import ByteTokenizer
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import read_metrics
 
 TOK = ByteTokenizer()

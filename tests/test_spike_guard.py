@@ -20,7 +20,7 @@ from scalelab.errors import ScalelabError
 from scalelab.evals.plots import plot_loss_curves, split_rolled_back
 from scalelab.parallel.dist import DistEnv
 from scalelab.pipeline import prepare
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger, read_metrics
 from scalelab.train.spike import FaultInjector, SpikeGuard
 from scalelab.train.trainer import Trainer

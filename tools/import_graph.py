@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("scalelab.tasks", "scalelab.data"),
     ("scalelab.config",),
     ("scalelab.parallel",),
+    ("scalelab.checkpoint",),
     ("scalelab.train",),
     ("scalelab.run",),
     ("scalelab.infer", "scalelab.evals"),

@@ -16,7 +16,7 @@ from scalelab.config import Config
 from scalelab.errors import ScalelabError
 from scalelab.pipeline import pretrain
 from scalelab.run import CHECKPOINTS_DIR, Run
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 
 FINGERPRINT = "base_recipe.json"
 

@@ -46,7 +46,7 @@ from scalelab.infer.sample import SamplingParams, generate
 from scalelab.run import CHECKPOINTS_DIR, Run, is_run_folder
 from scalelab.scaling.sweep import read_results
 from scalelab.tokenizer import load_tokenizer
-from scalelab.train.checkpoint import latest_checkpoint
+from scalelab.checkpoint import latest_checkpoint
 
 METRICS = ("exact_match", "logprob_per_token", "answer_prob", "edit_distance", "digit_credit", "brier")
 CONTINUOUS = METRICS[1:]

@@ -35,7 +35,7 @@ from scalelab.infer.export_hf import hf_weight_name
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import CheckpointTokenizer
 from scalelab.tokenizer.tokenizers import read_tokenizer_json
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.optim import build_optimizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")

@@ -149,3 +149,17 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) held by this rank: local shards only."""
+    def nbytes(t) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = sum(nbytes(p) for p in model.parameters())
+    opt = 0
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            opt += sum(nbytes(v) for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return params, opt

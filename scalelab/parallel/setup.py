@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import torch
 
-from scalelab.parallel import plans, state
-from scalelab.parallel.dist import DistEnv, barrier
+from scalelab.parallel import plans
+from scalelab.parallel.dist import DistEnv
 from scalelab.parallel.mesh import Layout, build_mesh, data_group, layout_from_config
-from scalelab.parallel.state import load_dcp, load_full
-from scalelab.train import checkpoint as ckpt
 
 
 class ParallelSetup:
@@ -45,31 +40,3 @@ class ParallelSetup:
         if self.sharded:
             return plans.clip_grad_norm_(parameters, max_norm)
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-    # -- checkpoints: the trainer keeps the atomic write; these supply the sharded parts ------------
-
-    def save_shards(self, ckpt_dir: Path, step: int, model, optimizer) -> dict:
-        """All ranks write DCP shards to a staging folder and gather the full weights.
-
-        Returns, on rank 0, the keyword arguments for checkpoint.save_checkpoint.
-        """
-        staging = Path(ckpt_dir) / f".step_{step:06d}.dcp.tmp"
-        if self.env.is_main:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-        barrier(self.env)
-        state.save_dcp(staging, model, optimizer)
-        full = state.full_model_state(model)
-        barrier(self.env)
-        return {"model_state": full, "sharded_dir": staging} if self.env.is_main else {}
-
-    def load(self, path: Path, model, optimizer, optimizer_state: dict) -> None:
-        """Weights and optimizer state from a checkpoint folder written on any mesh."""
-        if (path / ckpt.SHARDED_DIR).is_dir():
-            load_dcp(path / ckpt.SHARDED_DIR, model, optimizer)
-        elif self.sharded:
-            load_full(model, optimizer, ckpt.read_safetensors(path / ckpt.MODEL_FILE), optimizer_state)
-        else:
-            ckpt.load_weights_into(model, path / ckpt.MODEL_FILE)
-            optimizer.load_state_dict(optimizer_state)

@@ -25,7 +25,7 @@ from scalelab.posttrain.chat import chat_stop_ids, prompt_ids
 from scalelab.posttrain.mixture import exact_match_reward
 from scalelab.run import CHECKPOINTS_DIR
 from scalelab.runtime import autocast_context
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import clip_grad_norm, lr_at, set_lr
 

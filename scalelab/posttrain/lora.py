@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from scalelab.adapt.finetune import add_lora
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
-from scalelab.train.checkpoint import read_safetensors
+from scalelab.checkpoint import read_safetensors
 
 ADAPTER_FILE = "lora_adapter.safetensors"
 _PEFT_ADAPTER = "default"  # the adapter name peft gives an injected adapter

@@ -35,7 +35,7 @@ from scalelab.posttrain.data import (
 from scalelab.posttrain.mixture import people_group, preference_pairs
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer
 

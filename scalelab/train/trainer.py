@@ -26,7 +26,7 @@ from scalelab.model.gpt import GPT
 from scalelab.parallel.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, broadcast_object
 from scalelab.parallel.setup import ParallelSetup
 from scalelab.runtime import autocast_context, resolve_device, seed_everything
-from scalelab.train import checkpoint as ckpt
+from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
 from scalelab.train.optim import build_optimizer, lr_at, set_lr
 from scalelab.train.spike import FaultInjector, SpikeGuard, agree_on_loss
@@ -154,7 +154,7 @@ class Trainer:
         path, sharded = None, {}
         if self.parallel.sharded:
             # Every rank writes its DCP shards; rank 0 folds them into its atomic checkpoint write.
-            sharded = self.parallel.save_shards(self.ckpt_dir, self.step, self.model, self.optimizer)
+            sharded = ckpt.write_shards(self.env, self.ckpt_dir, self.step, self.model, self.optimizer)
         if self.env.is_main:
             extra = {"spike_guard": self.guard.state_dict()} if self.guard else None
             path = ckpt.save_checkpoint(
@@ -174,7 +174,7 @@ class Trainer:
             return False
         state = ckpt.load_train_state(path)
         # DCP when the checkpoint has shards (resharded onto this mesh), else the one-file weights
-        self.parallel.load(path, self.model, self.optimizer, state["optimizer"])
+        ckpt.load_into(path, self.model, self.optimizer, state["optimizer"], sharded=self.parallel.sharded)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state["cuda_rng"]:

@@ -16,7 +16,7 @@ leaves the previous checkpoint as the latest complete one. Loading checks the
 manifest first (a checkpoint without one is refused) and never unpickles arbitrary
 objects: safetensors; torch.load with weights_only=True; and, for the ``dcp/``
 folder of a sharded run, a restricted unpickler for DCP's index and weights-only
-loading of its values (scalelab.parallel.state). Folders whose names start with a
+loading of its values (scalelab.checkpoint.sharded). Folders whose names start with a
 dot are unfinished writes or deletions and are never loaded; ``latest`` may only
 name a ``step_NNNNNN`` folder beside it.
 

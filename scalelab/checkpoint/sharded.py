@@ -1,4 +1,4 @@
-"""Model and optimizer state across meshes: DCP for resharding, a full state dict for export.
+"""Sharded checkpoints: model and optimizer state across meshes, DCP for resharding, a full state dict for export.
 
 A sharded run (FSDP2 and/or TP) saves with torch.distributed.checkpoint: every rank
 writes its own shards and rank 0 the metadata that names which slice of which
@@ -20,6 +20,7 @@ metadata classes, ``torch.Size``, dtypes and paths, and the values go through
 from __future__ import annotations
 
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -36,9 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
-
+from scalelab.checkpoint.folder import MODEL_FILE, SHARDED_DIR, load_weights_into, read_safetensors
 from scalelab.errors import ScalelabError
+from scalelab.parallel.dist import DistEnv, barrier
 
 _DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
@@ -97,6 +98,7 @@ def _safe_planner():
 
     return WeightsOnlyLoadPlanner()
 
+
 def _options(**kw):
     return StateDictOptions(**kw)
 
@@ -139,15 +141,30 @@ def load_full(model, optimizer, weights: dict[str, torch.Tensor], optim_state: d
     set_optimizer_state_dict(model, optimizer, fqn_state, options=_options(full_state_dict=True))
 
 
-def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[int, int]:
-    """(parameter bytes, optimizer-state bytes) held by this rank: local shards only."""
-    def nbytes(t) -> int:
-        t = t.to_local() if isinstance(t, DTensor) else t
-        return t.numel() * t.element_size()
+def write_shards(env: DistEnv, ckpt_dir: Path, step: int, model, optimizer) -> dict:
+    """All ranks write DCP shards to a staging folder and gather the full weights.
 
-    params = sum(nbytes(p) for p in model.parameters())
-    opt = 0
-    if optimizer is not None:
-        for s in optimizer.state.values():
-            opt += sum(nbytes(v) for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-    return params, opt
+    Returns, on rank 0, the keyword arguments for ``folder.save_checkpoint``, which moves the staging
+    folder inside its atomic write; other ranks get an empty dict.
+    """
+    staging = Path(ckpt_dir) / f".step_{step:06d}.dcp.tmp"
+    if env.is_main:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    barrier(env)
+    save_dcp(staging, model, optimizer)
+    full = full_model_state(model)
+    barrier(env)
+    return {"model_state": full, "sharded_dir": staging} if env.is_main else {}
+
+
+def load_into(path: Path, model, optimizer, optimizer_state: dict, sharded: bool) -> None:
+    """Weights and optimizer state from a checkpoint folder written on any mesh, into a model on this one."""
+    if (path / SHARDED_DIR).is_dir():
+        load_dcp(path / SHARDED_DIR, model, optimizer)
+    elif sharded:
+        load_full(model, optimizer, read_safetensors(path / MODEL_FILE), optimizer_state)
+    else:
+        load_weights_into(model, path / MODEL_FILE)
+        optimizer.load_state_dict(optimizer_state)
