@@ -6,28 +6,31 @@
         tokenizer/       the tokenizer the model was trained with
         data/            token shards (pretraining; post-training runs copy them along)
         world.json       the synthetic world, for runs trained on it
-        checkpoints/     step_NNNNNN/ folders and the ``latest`` pointer (train/checkpoint.py)
+        checkpoints/     step_NNNNNN/ folders and the ``latest`` pointer (scalelab/checkpoint/)
         metrics.jsonl    the training log
 
 ``Run.open(path)`` reads a finished run (or one of its checkpoint folders); ``Run.create(cfg, stage,
-parent)`` starts a new one from a parent run. Model, tokenizer and world load on first use.
+parent)`` starts a new one from a parent run; ``Run.create_from_model`` writes a run with no parent (an
+imported checkpoint). Model, tokenizer and world load on first use.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from scalelab.config import Config, load_config, to_toml
+from scalelab.config import Config, OptimConfig, load_config, to_toml
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT, GPTConfig
-from scalelab.tokenizer import load_tokenizer
 from scalelab import checkpoint as ckpt
+from scalelab.tokenizer import load_tokenizer
+from scalelab.train.optim import build_optimizer
 
 CONFIG_FILE = "config.toml"
 STAGE_FILE = "stage.json"
@@ -128,7 +131,8 @@ class Run:
             raise ScalelabError(f"cannot read the model config from {meta_file}: {e}") from None
 
     def stage_info(self) -> dict:
-        """{"stage", "init"} as recorded by Run.create ("init": the parent run); pretraining runs have none."""
+        """{"stage", "init"} as recorded by Run.create ("init": the parent run), or {"stage", "source"} for an
+        imported run; pretraining runs have none."""
         f = self.path / STAGE_FILE
         return json.loads(f.read_text()) if f.is_file() else {"stage": "pretrain"}
 
@@ -164,6 +168,33 @@ class Run:
         # "init": the parent, named after the --init flag that chose it
         (out / STAGE_FILE).write_text(json.dumps({"stage": stage, "init": str(parent.path)}, indent=2) + "\n")
         return run
+
+    @classmethod
+    def create_from_model(cls, cfg: Config, model: GPT, tokenizer, stage: str, source: dict,
+                          overwrite: bool = False) -> Run:
+        """A complete run at ``cfg.run.out_dir`` holding ``model`` as its step-0 checkpoint: config, tokenizer,
+        checkpoint, stage.json and summary.json. Everything goes to a hidden sibling folder renamed into place
+        at the end, so a failure part-way leaves nothing under the out folder."""
+        out = Path(cfg.run.out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise ScalelabError(f"run folder {out} already exists and is not empty; pass --overwrite to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            (tmp / CONFIG_FILE).write_text(to_toml(cfg))
+            tokenizer.save(tmp / TOKENIZER_DIR)
+            # An untouched AdamW: its state_dict holds no moments, only the hyper-parameters
+            ckpt.save_checkpoint(tmp / CHECKPOINTS_DIR, model, build_optimizer(model, OptimConfig()), 0, {},
+                                 extra={"source": source})
+            (tmp / STAGE_FILE).write_text(json.dumps({"stage": stage, "source": source}, indent=2) + "\n")
+            (tmp / "summary.json").write_text(json.dumps({"stage": stage, **source}, indent=2) + "\n")
+            if out.exists():
+                ckpt.remove_run_folder(out) if out.is_dir() else out.unlink()
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(out, cfg)
 
     def write_config(self) -> None:
         self.config_file.write_text(to_toml(self.cfg))

@@ -13,15 +13,14 @@ Hugging Face folder that is then imported like any other.
 
 The run folder has the layout pretraining writes: ``config.toml``, ``tokenizer/`` (the checkpoint's
 own ``tokenizer.json``, never retrained, plus its chat template) and ``checkpoints/step_000000`` in
-the usual checkpoint format, so every command that takes a run opens it unchanged. ``summary.json``
-(stage "import") records where it came from, which the report card shows.
+the usual checkpoint format, so every command that takes a run opens it unchanged. ``stage.json`` and
+``summary.json`` (stage "import") record where it came from, which the report card shows.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -29,14 +28,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from scalelab.config import OptimConfig, config_from_dict, to_toml
+from scalelab.config import config_from_dict
 from scalelab.errors import ScalelabError
 from scalelab.infer.export_hf import hf_weight_name
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.tokenizer import CheckpointTokenizer
-from scalelab.tokenizer.tokenizers import read_tokenizer_json
 from scalelab import checkpoint as ckpt
-from scalelab.train.optim import build_optimizer
+from scalelab.run import TOKENIZER_DIR, Run
+from scalelab.tokenizer.tokenizers import read_tokenizer_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 # Config fields that would make the model compute something GPT cannot: their presence (with a
@@ -211,32 +210,11 @@ def checkpoint_tokenizer(folder: Path, hf: dict, vocab_size: int, chat_template:
 
 
 def write_run(out: Path, model: GPT, tokenizer: CheckpointTokenizer, source: dict, overwrite: bool = False) -> Path:
-    """Write the run folder (config.toml, tokenizer/, checkpoints/step_000000, summary.json) in one go.
-
-    Everything goes to a hidden sibling folder that is renamed into place at the end, so a failure
-    part-way leaves nothing under ``out``.
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ScalelabError(f"run folder {out} already exists and is not empty; pass --overwrite to replace it")
+    """The imported run folder (config.toml, tokenizer/, checkpoints/step_000000, stage.json, summary.json)."""
     cfg = config_from_dict({"run": {"name": out.name, "out_dir": str(out)},
-                            "tokenizer": {"kind": "hf", "path": str(out / "tokenizer")},
+                            "tokenizer": {"kind": "hf", "path": str(out / TOKENIZER_DIR)},
                             "model": asdict(model.config)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "config.toml").write_text(to_toml(cfg))
-        tokenizer.save(tmp / "tokenizer")
-        # An untouched AdamW: its state_dict holds no moments, only the hyper-parameters
-        ckpt.save_checkpoint(tmp / "checkpoints", model, build_optimizer(model, OptimConfig()), 0, {},
-                             extra={"imported_from": source})
-        (tmp / "summary.json").write_text(json.dumps({"stage": "import", **source}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Run.create_from_model(cfg, model, tokenizer, "import", source, overwrite).path
 
 
 def import_hf_folder(src: Path, out: Path, block_size: int | None = None, chat_template: str | None = None,
