@@ -290,3 +290,15 @@ class GRPOTrainer:
                 # how far this minibatch's policy already moved from the one that sampled (k1, per token)
                 stats["approx_kl"].append(float(reduce_tokens((old_logp[mb] - logp).detach(), m, "token")))
         return stats_out | {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def trainer_from_config(policy: GPT, tokenizer, reward_fn: TextReward, g: GRPOConfig, seed: int,
+                        **fixed) -> GRPOTrainer:
+    """A trainer with the settings of a ``[grpo]`` section; ``fixed`` holds what the caller sets itself
+    (correct_fn, stop_strings, a study's max_new_tokens)."""
+    options = dict(group_size=g.group_size, optim=g.optim, kl_coef=g.kl_coef, clip=g.clip, max_new_tokens=g.max_new_tokens,
+                   temperature=g.temperature, minibatch_size=g.minibatch_size or g.prompts_per_step * g.group_size,
+                   epochs=g.epochs, seed=seed, scale_advantages=g.scale_advantages, loss_norm=g.loss_norm,
+                   dynamic_sampling=g.dynamic_sampling, max_refill_rounds=g.max_refill_rounds,
+                   old_logprobs=g.old_logprobs)
+    return GRPOTrainer(policy, tokenizer, reward_fn, **(options | fixed))
