@@ -491,12 +491,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _config_from_table(table)
 
 
-def load_config_with_section(path, overrides, section: str, cls, moved: dict[str, str] | None = None):
+def load_config_with_section(path, overrides, section: str, cls, moved: dict[str, str | tuple[str, ...]] | None = None):
     """(Config, section dataclass) from one TOML file + ``--set`` overrides; ``[section]`` keys go to ``cls``.
 
     A study keeps its own knobs in its own section (``[abstain]``, ...) and dataclass, so the shared
     ``Config`` tree does not grow a section per study. ``moved`` maps the study keys that once copied a
-    stage's setting to that setting (``{"sft_lr": "sft.optim.lr"}``): still read, with a warning.
+    stage's setting to that setting, or settings (``{"sft_lr": "sft.optim.lr"}``): still read, with a warning.
     """
     table = read_toml(path) if path else {}
     apply_overrides(table, list(overrides or []))
@@ -506,25 +506,26 @@ def load_config_with_section(path, overrides, section: str, cls, moved: dict[str
     return _config_from_table(table), _build(cls, own, section)
 
 
-def _move_study_keys(own: dict, table: dict, section: str, moved: dict[str, str]) -> None:
+def _move_study_keys(own: dict, table: dict, section: str, moved: dict[str, str | tuple[str, ...]]) -> None:
     """Study keys that copied a stage's setting, read into that stage's section for one release (as the old flat
     optimizer keys are); a key the stage's section already gives wins."""
     notes = []
-    for old, new in moved.items():
+    for old, targets in moved.items():
         if old not in own:
             continue
-        *parents, leaf = new.split(".")
-        target = table
-        for name in parents:
-            target = target.setdefault(name, {})
-            if not isinstance(target, dict):
-                raise ScalelabError(f"config key {name}: expected a table, got {target!r}")
         value = own.pop(old)
-        if leaf in target and target[leaf] != value:
-            notes.append(f"{section}.{old} (ignored: {new} is set)")
-        else:
-            target[leaf] = value
-            notes.append(f"{section}.{old} -> {new}")
+        for new in (targets,) if isinstance(targets, str) else targets:
+            *parents, leaf = new.split(".")
+            target = table
+            for name in parents:
+                target = target.setdefault(name, {})
+                if not isinstance(target, dict):
+                    raise ScalelabError(f"config key {name}: expected a table, got {target!r}")
+            if leaf in target and target[leaf] != value:
+                notes.append(f"{section}.{old} (ignored: {new} is set)")
+            else:
+                target[leaf] = value
+                notes.append(f"{section}.{old} -> {new}")
     if notes:
         warnings.warn(f"old config keys read as {', '.join(notes)}; the old names go in the next release",
                       FutureWarning, stacklevel=3)

@@ -23,7 +23,7 @@ class Study:
     outputs: tuple[str, ...]  # files in out_dir worth pointing at
     # old study keys that copied a stage's setting -> that setting ("sft_lr" -> "sft.optim.lr"), read with a
     # FutureWarning for one release
-    moved_keys: dict[str, str] = field(default_factory=dict)
+    moved_keys: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
 
     def load(self, path, overrides) -> tuple[Config, Any]:
         return load_config_with_section(path, overrides, self.name, self.config_class, self.moved_keys)
