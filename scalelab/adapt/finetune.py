@@ -21,7 +21,7 @@ import torch
 
 from scalelab.config import OptimConfig
 from scalelab.errors import ScalelabError
-from scalelab.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from scalelab.train.optim import build_optimizer, lr_at, optimizer_step, set_lr
 
 MODES = ("full", "last_k", "frozen", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
@@ -120,10 +120,7 @@ def train_head(head, rows: list, steps: int, optim: OptimConfig, batch_size: int
     for step in range(steps):
         set_lr(opt, lr_at(step, optim, steps))
         loss = head.loss(_to(head.collate([rows[i] for i in next(batches)]), device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(params, optim)
-        opt.step()
+        optimizer_step(loss, opt, params, optim)
         losses.append(loss.item())
     head.eval()
     return {"losses": losses, "seconds": time.perf_counter() - t0}

@@ -45,7 +45,7 @@ from scalelab.experiments.study import Study
 from scalelab.model import families as fam
 from scalelab.pipeline import prepare
 from scalelab.runtime import seed_everything
-from scalelab.train.optim import build_optimizer, lr_at, set_lr
+from scalelab.train.optim import build_optimizer, lr_at, optimizer_step, set_lr
 from scalelab.train.trainer import write_json
 
 # The world's 25 majors in four groups: the probe's classes (roughly balanced: 10 / 4 / 6 / 5).
@@ -143,11 +143,7 @@ def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, v
             set_lr(opt, lr_at(step, optim, steps))
             x, y = loader.next_batch()
             loss = objective.loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
+            optimizer_step(loss, opt, model.parameters(), optim)
             losses.append(float(loss.detach()))
             if step % max(1, cfg.train.log_every) == 0 or step == steps - 1:
                 log.write(json.dumps({"family": family, "step": step, "loss": losses[-1],

@@ -40,7 +40,7 @@ from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.ppo import kl_estimate, logprobs_and_entropy
-from scalelab.train.optim import build_optimizer
+from scalelab.train.optim import build_optimizer, optimizer_step
 
 # (prompt index, reply text, extra) -> reward; the extra is whatever the caller attached to the prompt
 # (a task Problem, a QA item...)
@@ -279,11 +279,7 @@ class GRPOTrainer:
                 logp, entropy = logprobs_and_entropy(self.policy, ids[mb], self.temperature)
                 loss, parts = grpo_loss(logp, old_logp[mb], token_adv[mb], m, self.clip, self.loss_norm,
                                         None if ref_logp is None else ref_logp[mb], self.kl_coef)
-                loss.backward()
-                if self.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.optim.grad_clip)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                optimizer_step(loss, self.opt, self.policy.parameters(), self.optim)
                 for k, v in parts.items():
                     stats[k].append(float(v))
                 stats["entropy"].append(float(reduce_tokens(entropy.detach(), m, "token")))
