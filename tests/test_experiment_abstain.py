@@ -147,7 +147,7 @@ def test_tiny_pipeline_writes_results(tmp_path):
         "sft.steps=2", "sft.batch_size=4", "sft.optim.lr=3e-4", "sft.optim.warmup_steps=10",
         "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.minibatch_size=2", "grpo.max_new_tokens=4",
         "grpo.optim.lr=5e-5", "grpo.kl_coef=0.02", "grpo.temperature=0.6", "grpo.scale_advantages=false",
-        "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=2",
+        "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=2", 'grpo.old_logprobs="recompute"',
         "abstain.scorer_steps=5", "abstain.max_eval=4",
         "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b", "a"]', 'abstain.sweep_from=["b"]',
         'abstain.scorer_from="b"',

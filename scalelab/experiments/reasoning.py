@@ -45,13 +45,12 @@ from scalelab.model.gpt import GPT
 from scalelab.posttrain import common
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.grpo import trainer_from_config
-from scalelab.posttrain.sft import sft_loss
+from scalelab.posttrain.sft import sft_on_batches
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, render_reply, verify
 from scalelab.tokenizer import ByteTokenizer, CharTokenizer
-from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import build_optimizer, lr_at
+from scalelab.train.optim import lr_at
 
 SECTION = "reasoning"
 CONDITIONS = ("answer_only", "cot")
@@ -239,22 +238,15 @@ def equal_compute_plans(lengths: dict[str, dict[str, list[int]]], batch_size: in
 def sft_train(init, tokenizer, rows: list, batches: list, cfg, log_path: Path, desc: str):
     """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only) with the [sft] stage's
     settings, for as many steps as ``batches`` holds (a warmup longer than the run is cut to fit); (model, losses)."""
-    model = copy.deepcopy(init).train()
-    device = next(model.parameters()).device
     tcfg = common.stage_train_config(cfg.train, cfg.sft)
     tcfg = replace(tcfg, steps=len(batches),
                    optim=replace(tcfg.optim, warmup_steps=min(tcfg.optim.warmup_steps, max(0, len(batches) - 1))))
-    opt = build_optimizer(model, tcfg.optim)
 
-    def step_fn(step):
+    def batch(step):
         chosen = [rows[i] for i in batches[step]]
-        ids, mask = pad_rows(chosen, max(len(c[0]) for c in chosen), tokenizer.bos_id)
-        return sft_loss(model, ids.to(device), mask.to(device)), {}
+        return pad_rows(chosen, max(len(c[0]) for c in chosen), tokenizer.bos_id)
 
-    logger = MetricsLogger(log_path)
-    losses, _ = common.run_steps(model.parameters(), opt, tcfg, step_fn, None, 1, logger, device, desc, False)
-    logger.close()
-    return model.eval(), losses
+    return sft_on_batches(init, batch, tcfg, log_path, desc)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
