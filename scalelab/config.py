@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.data.world import WorldConfig
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.model.gpt import GPTConfig
 
 
@@ -569,9 +569,7 @@ def validate(cfg: Config) -> None:
         (cfg.parallel.tp >= 1, "parallel.tp must be at least 1"),
         *_posttrain_checks(cfg),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {message}")
+    check_config(checks)
     cfg.model.validate()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from scalelab.config import GRPOConfig, SFTConfig
 from scalelab.data.world import render_qa
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.answer_scorer import LABELS, train_scorer
 from scalelab.evals.plots import plt
 from scalelab.experiments.base_run import open_study_folder
@@ -95,9 +95,7 @@ def validate(a: AbstainConfig) -> None:
          "abstain rewards must lie between abstain.wrong_reward and abstain.correct_reward, wrong < correct"),
         (a.max_eval >= 0 and a.scorer_steps >= 1, "abstain.scorer_steps must be >= 1 and abstain.max_eval >= 0"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
 def unknown_shares(a: AbstainConfig) -> tuple[float, float]:

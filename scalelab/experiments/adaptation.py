@@ -32,7 +32,7 @@ from scalelab.adapt.finetune import LORA_TARGETS, MODES, base_weights_unchanged,
 from scalelab.adapt.heads import HEADS
 from scalelab.config import OptimConfig
 from scalelab.data.world import ATTRIBUTES
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import plt, save_figure
 from scalelab.experiments.base_run import ensure_base, open_study_folder
 from scalelab.experiments.study import Study
@@ -88,9 +88,7 @@ def validate(a: AdaptationConfig) -> None:
          f"adaptation.lora_targets must be a non-empty list of {', '.join(LORA_TARGETS)}"),
         (min(a.lr_full, a.lr_last_k, a.lr_frozen, a.lr_lora) > 0, "adaptation.lr_* must be positive"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
 # The stage setting this study once copied into [adaptation] (read, with a FutureWarning, for one release).

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from scalelab.data.loader import TokenLoader, eval_batches
 from scalelab.data.world import _PRONOUNS, SENTENCE_TEMPLATES, World, render_qa
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import plt, save_figure
 from scalelab.evals.tasks import normalize_answer
 from scalelab.experiments.base_run import open_study_folder
@@ -95,9 +95,7 @@ def validate(a: FamiliesConfig) -> None:
          and a.probe_weight_decay >= 0, "families.probe_* must be positive, probe_train_fraction in (0, 1)"),
         (a.val_batches >= 1, "families.val_batches must be >= 1"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
 # -- training ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import label_fraction_axes, plt, save_figure
 from scalelab.experiments import reasoning_tools as tools
 from scalelab.experiments import reasoning_ttc as ttc
@@ -128,9 +128,7 @@ def validate(r: ReasoningConfig, cfg) -> dict:
         (r.tool_sft_steps >= 1 and r.tool_eval_per_difficulty >= 1,
          "reasoning.tool_sft_steps and tool_eval_per_difficulty must be positive"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
     return tasks
 
 
