@@ -253,7 +253,6 @@ def evaluate(model, tok, ev: dict, max_new_tokens: int) -> dict:
 def rl(init_model, tok, rl_items: list[dict], a: AbstainConfig, g: GRPOConfig, abstain_reward: float, seed: int, log_path: Path,
        judge=None):
     """GRPO from ``init_model``; the reward is the rule classifier's class, or the learned judge's when given."""
-
     value = {"correct": a.correct_reward, "abstain": abstain_reward, "wrong": a.wrong_reward}
     judged = {"agree": "correct", "abstain": "abstain", "disagree": "wrong"}
     assert set(judged) == set(LABELS)

@@ -117,7 +117,6 @@ def _label_texts(task: str) -> list[str]:
 
 def embedding_study(model, tok, world, split, a: AdaptationConfig, seed: int) -> dict:
     """Zero-shot cosine and linear-probe accuracy per task and pooling, on frozen final-layer features."""
-
     out = {}
     for task in TASKS:
         xs_train, y_train = _examples(world, task, split[0], a.n_train, seed, a)
@@ -171,7 +170,6 @@ def _head_data(kind: str, tok, world, split, a: AdaptationConfig, seed: int, blo
 
 def tune(base, kind: str, mode: str, train_rows, test_rows, a: AdaptationConfig, cfg, steps: int, seed: int) -> dict:
     """A fresh copy of ``base`` under a ``kind`` head, tuned in ``mode`` with [sft]; test metrics before and after."""
-
     torch.manual_seed(seed)
     backbone = copy.deepcopy(base)
     head = HEADS[kind](backbone, 2) if kind in ("sequence", "token") else HEADS[kind](backbone)
@@ -298,7 +296,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot_embeddings(result: dict, path: Path) -> None:
-
     emb = result["embeddings"]
     groups = [(task, pool) for task, row in emb.items() for pool in row["pools"]]
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -316,7 +313,6 @@ def plot_embeddings(result: dict, path: Path) -> None:
 
 
 def plot_modes(result: dict, path: Path) -> None:
-
     modes = result["modes"]
     names = list(modes)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))

@@ -123,7 +123,6 @@ class _Objective:
 def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, val_tokens, budget: float,
                  log_path: Path) -> tuple[object, dict]:
     """A fresh model trained on ``budget`` FLOPs of the shared token stream; returns (model, record)."""
-
     seed = cfg.run.seed
     seed_everything(seed)  # same initial weights for the shared backbone across families
     model = fam.build_model(family, cfg.model, tokenizer.vocab_size)
@@ -326,7 +325,6 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int, w
 
 def run_families(cfg, a: FamiliesConfig, overwrite: bool = False, log=print) -> dict:
     """Train every family on one FLOPs budget and score it; writes results.json, summary.md and families.png."""
-
     validate(a)
     if cfg.data.source != "world":
         raise ScalelabError("the families study needs the synthetic world: set data.source = 'world'")

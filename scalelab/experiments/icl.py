@@ -136,7 +136,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-
     a = result["icl"]
     shots = sorted(set(a["shots"]))
     fig, axes = plt.subplots(1, len(a["tasks"]), figsize=(5.5 * len(a["tasks"]), 4.2), squeeze=False)

@@ -50,7 +50,7 @@ from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, render_reply, verify
 from scalelab.tokenizer import ByteTokenizer, CharTokenizer
-from scalelab.train.optim import lr_at
+from scalelab.train.optim import lr_at, set_lr
 
 SECTION = "reasoning"
 CONDITIONS = ("answer_only", "cot")
@@ -259,7 +259,6 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 def sampled_pass_at_1(model, tokenizer, problems: list, max_new_tokens: int, n: int, temperature: float,
                       seed: int) -> float:
     """Mean correctness of ``n`` samples per problem at ``temperature``: pass@1 of the sampling policy."""
-
     engine = Engine(model, tokenizer, max_batch=max(1, min(128, len(problems) * n)))
     reqs = [engine.submit(chat_prompt(tokenizer, p), GenerationParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed * 7919 + i, n=n,
@@ -317,7 +316,7 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, g, max_new_tokens: 
     evaluate(0)
     with open(log_path, "w", encoding="utf-8") as log:
         for step in range(1, g.steps + 1):
-            trainer.set_lr(lr_at(step - 1, g.optim, g.steps))
+            set_lr(trainer.opt, lr_at(step - 1, g.optim, g.steps))
             batch = rng.sample(sets["rl"], min(g.prompts_per_step, len(sets["rl"])))
             stats = trainer.step([chat_prompt(tokenizer, p) for p in batch], batch)
             texts = stats.pop("texts", None)

@@ -160,10 +160,6 @@ class GRPOTrainer:
         self.seed, self.iteration = seed, 0
         self.rng = torch.Generator().manual_seed(seed)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
     def _base_seed(self, round_: int) -> int:
         if round_ == 0:
             return (self.seed * 100_003 + self.iteration) * 4099

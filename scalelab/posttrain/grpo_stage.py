@@ -23,7 +23,7 @@ from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, verify
 from scalelab.train.metrics import MetricsLogger, read_metrics
-from scalelab.train.optim import lr_at
+from scalelab.train.optim import lr_at, set_lr
 
 
 class ProblemStream:
@@ -139,7 +139,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
     history = []
     for step in range(1, g.steps + 1):
         lr = lr_at(step - 1, g.optim, g.steps)
-        trainer.set_lr(lr)
+        set_lr(trainer.opt, lr)
         problems = stream.take(g.prompts_per_step)
         stats = trainer.step([encode(p) for p in problems], problems, refill=refill if g.dynamic_sampling else None)
         texts = stats.pop("texts")
