@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.data.world import WorldConfig
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.model.gpt import GPTConfig
 
 
@@ -440,26 +440,37 @@ STAGE_OPTIM_DEFAULTS: dict[str, dict] = {
 # moved, with a warning) so that run folders and recipes written then keep working for one release.
 _LEGACY_OPTIM_KEYS = ("lr", "warmup_steps", "schedule", "min_lr_ratio", "decay_fraction", "weight_decay",
                       "beta1", "beta2", "grad_clip")
-_LEGACY_RENAMES = {("grpo", "warmup"): ("optim", "warmup_steps"), ("ppo", "critic_lr"): ("critic_optim", "lr")}
+_LEGACY_MOVES = {**{f"{sec}.{k}": f"{sec}.optim.{k}" for sec in ("train", "sft", "rm", "dpo", "ppo", "grpo")
+                    for k in _LEGACY_OPTIM_KEYS},
+                 "grpo.warmup": "grpo.optim.warmup_steps", "ppo.critic_lr": "ppo.critic_optim.lr"}
 
 
-def _move_legacy_optim_keys(table: dict) -> None:
-    moved = []
-    for sec in ("train", "sft", "rm", "dpo", "ppo", "grpo"):
-        section = table.get(sec)
-        if not isinstance(section, dict):
-            continue
-        renames = {k: ("optim", k) for k in _LEGACY_OPTIM_KEYS if k in section}
-        renames.update({old: new for (s, old), new in _LEGACY_RENAMES.items() if s == sec and old in section})
-        for old, (sub, new) in renames.items():
-            target = section.setdefault(sub, {})
-            if not isinstance(target, dict):
-                raise ScalelabError(f"config key {sec}.{sub}: expected a table, got {target!r}")
-            value = section.pop(old)
-            target.setdefault(new, value)  # the new spelling wins when both are given
-            moved.append(f"{sec}.{old} -> {sec}.{sub}.{new}")
-    if moved:
-        warnings.warn(f"old config keys read as {', '.join(moved)}; the old names go in the next release",
+def _move_keys(table: dict, moves: dict[str, str | tuple[str, ...]]) -> None:
+    """Old keys read at their new place (or places) for one release, with one warning naming each move; a key
+    already given at its new place wins. Keys are dotted paths (``"train.lr"`` -> ``"train.optim.lr"``)."""
+    notes = []
+    for old, targets in moves.items():
+        *parents, leaf = old.split(".")
+        source = table
+        for name in parents:
+            source = source.get(name) if isinstance(source, dict) else None
+        if not isinstance(source, dict) or leaf not in source:
+            continue  # absent (or not a table: _build names the bad key)
+        value = source.pop(leaf)
+        for new in (targets,) if isinstance(targets, str) else targets:
+            *parents, leaf = new.split(".")
+            target = table
+            for i, name in enumerate(parents):
+                target = target.setdefault(name, {})
+                if not isinstance(target, dict):
+                    raise ScalelabError(f"config key {'.'.join(parents[: i + 1])}: expected a table, got {target!r}")
+            if leaf in target and target[leaf] != value:
+                notes.append(f"{old} (ignored: {new} is set)")
+            else:
+                target[leaf] = value
+                notes.append(f"{old} -> {new}")
+    if notes:
+        warnings.warn(f"old config keys read as {', '.join(notes)}; the old names go in the next release",
                       FutureWarning, stacklevel=3)
 
 
@@ -478,7 +489,7 @@ def _inherit_stage_optims(table: dict) -> None:
 
 
 def _config_from_table(table: dict) -> Config:
-    _move_legacy_optim_keys(table)
+    _move_keys(table, _LEGACY_MOVES)
     _inherit_stage_optims(table)
     cfg = _build(Config, table)
     validate(cfg)
@@ -491,14 +502,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _config_from_table(table)
 
 
-def load_config_with_section(path, overrides, section: str, cls):
+def load_config_with_section(path, overrides, section: str, cls, moved: dict[str, str | tuple[str, ...]] | None = None):
     """(Config, section dataclass) from one TOML file + ``--set`` overrides; ``[section]`` keys go to ``cls``.
 
     A study keeps its own knobs in its own section (``[abstain]``, ...) and dataclass, so the shared
-    ``Config`` tree does not grow a section per study.
+    ``Config`` tree does not grow a section per study. ``moved`` maps the study keys that once copied a
+    stage's setting to that setting, or settings (``{"sft_lr": "sft.optim.lr"}``): still read, with a warning.
     """
     table = read_toml(path) if path else {}
     apply_overrides(table, list(overrides or []))
+    _move_keys(table, {f"{section}.{old}": new for old, new in (moved or {}).items()})
     own = table.pop(section, {})
     return _config_from_table(table), _build(cls, own, section)
 
@@ -556,9 +569,7 @@ def validate(cfg: Config) -> None:
         (cfg.parallel.tp >= 1, "parallel.tp must be at least 1"),
         *_posttrain_checks(cfg),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {message}")
+    check_config(checks)
     cfg.model.validate()
 
 

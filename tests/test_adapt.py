@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ from scalelab.adapt.embed import LinearProbe, cosine_classify, embed_texts, enco
 from scalelab.adapt.finetune import base_weights_unchanged, evaluate_head, set_mode, train_head, trainable_parameters
 from scalelab.adapt.heads import GenerationHead, SequenceClassifier, SpanQA, TokenClassifier
 from scalelab.cli import main
+from scalelab.config import OptimConfig, load_config
 from scalelab.data.world import World
 from scalelab.errors import ScalelabError
 from scalelab.tokenizer import ByteTokenizer, train_bpe
 
 TOK = ByteTokenizer()
+# what the adaptation preset's [sft.optim] gives: warmup, cosine to 5% of the rate, no weight decay, clip 1
+HEAD_OPTIM = OptimConfig(warmup_steps=10, min_lr_ratio=0.05, weight_decay=0.0)
 
 
 def _model(seed=0, **kw):
@@ -152,7 +156,7 @@ def test_heads_shapes_and_a_few_steps_lower_the_loss(kind):
         assert head.backbone(b["ids"]).shape == (*b["ids"].shape, TOK.vocab_size)
     set_mode(head, "full")
     before = evaluate_head(head, rows)["loss"]
-    train_head(head, rows, steps=15, lr=3e-3, batch_size=8, seed=0, warmup=2)
+    train_head(head, rows, steps=15, optim=replace(HEAD_OPTIM, lr=3e-3, warmup_steps=2), batch_size=8, seed=0)
     after = evaluate_head(head, rows)["loss"]
     assert after < before
 
@@ -205,12 +209,12 @@ def test_lora_trains_and_leaves_the_base_weights_untouched():
     set_mode(head, "lora", lora_rank=4, lora_targets=["q_proj", "v_proj"])
     rows = _head_rows("sequence")
     lora_before = {n: p.clone() for n, p in head.named_parameters() if ".lora_B" in n}
-    train_head(head, rows, steps=5, lr=1e-2, batch_size=8)
+    train_head(head, rows, steps=5, optim=replace(HEAD_OPTIM, lr=1e-2), batch_size=8)
     assert base_weights_unchanged(head.backbone, original)
     assert any(not torch.equal(lora_before[n], p) for n, p in head.named_parameters() if n in lora_before)
     full = SequenceClassifier(_model(), 2)
     set_mode(full, "full")
-    train_head(full, rows, steps=2, lr=1e-2, batch_size=8)
+    train_head(full, rows, steps=2, optim=replace(HEAD_OPTIM, lr=1e-2), batch_size=8)
     assert not base_weights_unchanged(full.backbone, original)
 
 
@@ -249,13 +253,14 @@ def test_embed_cli_bad_input(tmp_path, capsys, argv, message):
 
 
 def test_tiny_study_end_to_end(tmp_path):
-    from scalelab.config import Config
     from scalelab.experiments.adaptation import AdaptationConfig, run_adaptation
 
     run = make_init_run(tmp_path / "base")
+    cfg = load_config(None, ["sft.batch_size=8", "sft.optim.warmup_steps=10", "sft.optim.min_lr_ratio=0.05",
+                             "sft.optim.weight_decay=0.0"])
     a = AdaptationConfig(out_dir=str(tmp_path / "study"), base_run=str(run), n_train=24, n_test=12, n_sentences=1,
-                         batch_size=8, heads_steps=3, finetune_steps=3, pools=["mean", "last"])
-    result = run_adaptation(Config(), a)
+                         heads_steps=3, finetune_steps=3, pools=["mean", "last"])
+    result = run_adaptation(cfg, a)
     out = tmp_path / "study"
     for name in ("summary.md", "results.json", "embeddings.png", "finetune.png"):
         assert (out / name).is_file()
@@ -264,7 +269,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert result["modes"]["frozen"]["trainable_params"] < result["modes"]["lora"]["trainable_params"] \
         < result["modes"]["full"]["trainable_params"]
     assert "Fine-tuning modes" in (out / "summary.md").read_text()
+    assert result["modes"]["lora"]["lr"] == a.lr_lora and result["sft"]["optim"]["warmup_steps"] == 10
     with pytest.raises(ScalelabError, match="already holds results.json"):
-        run_adaptation(Config(), a)
+        run_adaptation(cfg, a)
     with pytest.raises(ScalelabError, match="adaptation.modes"):
-        run_adaptation(Config(), AdaptationConfig(out_dir=str(tmp_path / "x"), base_run=str(run), modes=["half"]))
+        run_adaptation(cfg, AdaptationConfig(out_dir=str(tmp_path / "x"), base_run=str(run), modes=["half"]))

@@ -143,3 +143,26 @@ def test_old_optimizer_keys_are_read_with_a_warning(tmp_path):
 def test_bad_optimizer_values_name_their_key(override, message):
     with pytest.raises(ScalelabError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_a_study_key_that_moved_to_a_stage_loads_there_with_a_warning():
+    from dataclasses import dataclass
+
+    from scalelab.config import load_config_with_section
+
+    @dataclass
+    class Design:
+        out_dir: str = "x"
+
+    moved = {"batch_size": ("sft.batch_size", "rm.batch_size"), "sft_lr": "sft.optim.lr"}
+    with pytest.warns(FutureWarning, match="study.batch_size -> sft.batch_size, study.batch_size -> rm.batch_size"):
+        cfg, own = load_config_with_section(None, ["study.batch_size=7", "study.sft_lr=2e-3", 'study.out_dir="y"'],
+                                            "study", Design, moved)
+    assert (cfg.sft.batch_size, cfg.rm.batch_size, cfg.sft.optim.lr, own.out_dir) == (7, 7, 2e-3, "y")
+    assert cfg.sft.optim.warmup_steps == 20  # the stage's other keys as before
+    with pytest.warns(FutureWarning, match=r"study.sft_lr \(ignored: sft.optim.lr is set\)"):
+        cfg, _ = load_config_with_section(None, ["sft.optim.lr=1e-3", "study.sft_lr=2e-3"], "study", Design, moved)
+    assert cfg.sft.optim.lr == 1e-3
+    with pytest.raises(ScalelabError, match="unknown config key 'study.sft_rate'"):
+        load_config_with_section(None, ["study.sft_rate=1"], "study", Design, moved)
+

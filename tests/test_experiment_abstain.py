@@ -147,7 +147,7 @@ def test_tiny_pipeline_writes_results(tmp_path):
         "sft.steps=2", "sft.batch_size=4", "sft.optim.lr=3e-4", "sft.optim.warmup_steps=10",
         "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.minibatch_size=2", "grpo.max_new_tokens=4",
         "grpo.optim.lr=5e-5", "grpo.kl_coef=0.02", "grpo.temperature=0.6", "grpo.scale_advantages=false",
-        "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=2",
+        "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=2", 'grpo.old_logprobs="recompute"',
         "abstain.scorer_steps=5", "abstain.max_eval=4",
         "abstain.abstain_rewards=[0.0, 0.5]", 'abstain.rl_from=["b", "a"]', 'abstain.sweep_from=["b"]',
         'abstain.scorer_from="b"',
@@ -188,7 +188,11 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     assert "sft_fraction" in err("abstain.sft_fraction=0.8")
     assert "abstain.unknown_sft_fraction" in err("abstain.unknown_sft_fraction=0.6", "abstain.unknown_rl_fraction=0.5")
     assert "grpo.max_refill_rounds" in err("grpo.max_refill_rounds=-1")
-    assert "unknown config key 'abstain.rl_lr'" in err("abstain.rl_lr=1e-4")  # the stages' keys live in [sft], [grpo]
+    # the stages' keys live in [sft], [grpo]; an old copy is read into them, with a warning, for one release
+    assert "grpo.max_refill_rounds" in err("abstain.max_refill_rounds=-1")
+    with pytest.warns(FutureWarning, match=r"abstain.sft_steps -> sft.steps, abstain.rl_lr -> grpo.optim.lr"):
+        cfg, _ = ab.STUDY.load(None, ["abstain.rl_lr=1e-4", "abstain.sft_steps=7"])
+    assert (cfg.grpo.optim.lr, cfg.sft.steps) == (1e-4, 7)
     # The default world has no unknown people: refused before any training.
     assert "unknown_fraction" in err("train.steps=1")
     base = _base_run(tmp_path / "known_only")

@@ -122,9 +122,11 @@ MICRO = [
     "model.depth=1", "model.n_embd=32", "model.head_dim=16", "model.block_size=256", "tokenizer.kind=byte",
     "run.seed=3", "train.log_every=1",
     'reasoning.tasks=["addition", "sudoku"]', "reasoning.difficulties={addition = [1, 2], sudoku = [4]}",
-    "reasoning.train_per_difficulty=40", "reasoning.eval_per_difficulty=3", "reasoning.sft_steps=3",
-    "reasoning.sft_batch_size=8", "reasoning.rl_steps=2", "reasoning.rl_prompts=2", "reasoning.group_size=2",
-    "reasoning.rl_eval_every=1", "reasoning.rl_eval_problems=3", "reasoning.ttc_problems=2", "reasoning.ttc_samples=4",
+    "reasoning.train_per_difficulty=40", "reasoning.eval_per_difficulty=3",
+    "sft.steps=3", "sft.batch_size=8", "sft.optim.lr=1e-3", "sft.optim.warmup_steps=20",
+    "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.eval_every=1", "grpo.eval_problems=3",
+    "grpo.optim.lr=5e-5", "grpo.temperature=0.8", 'grpo.old_logprobs="recompute"',
+    "reasoning.ttc_problems=2", "reasoning.ttc_samples=4",
     "reasoning.sample_counts=[1, 2, 4]", "reasoning.thinking_budgets=[0, 8]", 'reasoning.tool_tasks=["addition"]',
     "reasoning.tool_sft_steps=2", "reasoning.tool_eval_per_difficulty=2",
 ]
@@ -169,5 +171,21 @@ def test_bad_config_fails_with_the_key(tmp_path, capsys):
     assert "reasoning.rl_tasks names 'countdown'" in err('reasoning.rl_tasks=["countdown"]')
     assert "sample_counts" in err("reasoning.sample_counts=[32]")
     assert "tokenizer.kind" in err("tokenizer.kind=bpe")
+    assert "grpo.eval_problems must be >= 1" in err("grpo.eval_problems=0")
+    assert "grpo.reward_wrong must be below" in err("grpo.reward_wrong=2.0")
     with pytest.raises(ScalelabError, match="unknown config key"):
         load_config_with_section(None, ["reasoning.sft_stpes=3"], "reasoning", rs.ReasoningConfig)
+
+
+def test_old_study_keys_load_into_the_stages_with_a_warning():
+    old = ["reasoning.sft_steps=3", "reasoning.sft_lr=2e-3", "reasoning.rl_lr=1e-4", "reasoning.temperature=0.7",
+           "reasoning.group_size=4", "reasoning.rl_eval_problems=5"]
+    with pytest.warns(FutureWarning, match="reasoning.sft_lr -> sft.optim.lr"):
+        cfg, r = rs.STUDY.load(None, old)
+    assert (cfg.sft.steps, cfg.sft.optim.lr, cfg.grpo.optim.lr) == (3, 2e-3, 1e-4)
+    assert (cfg.grpo.temperature, cfg.grpo.group_size, cfg.grpo.eval_problems) == (0.7, 4, 5)
+    assert cfg.sft.optim.warmup_steps == 20 and cfg.grpo.optim.schedule == "constant"  # the rest as the stages say
+    with pytest.warns(FutureWarning, match=r"reasoning.sft_lr \(ignored: sft.optim.lr is set\)"):
+        cfg, _ = rs.STUDY.load(None, ["sft.optim.lr=3e-3", "reasoning.sft_lr=2e-3"])
+    assert cfg.sft.optim.lr == 3e-3  # the stage's own key wins
+

@@ -128,6 +128,20 @@ def test_a_tiny_ppo_run_on_a_toy_task_raises_the_reward():
     assert last > first + 0.4, [round(h["reward"], 3) for h in history]
 
 
+def test_ppo_steps_its_rates_on_the_optimizer_sections_schedules():
+    tok = CharTokenizer(list("ab"))
+    policy = tiny_model(tok.vocab_size, 32, seed=0)
+    cfg = PPOConfig(rollout_batch=2, minibatch_size=2, iterations=4, max_new_tokens=2,
+                    optim=OptimConfig(lr=1e-3, warmup_steps=4, schedule="constant"),
+                    critic_optim=OptimConfig(lr=1e-2, warmup_steps=2, schedule="constant"))
+    trainer = PPOTrainer(policy, ScalarHeadModel(copy.deepcopy(policy)), tok, cfg, lambda *a: 0.0, seed=0)
+    prompts = [prompt_ids(tok, "ab")] * 2
+    for want_policy, want_critic in ((2.5e-4, 5e-3), (5e-4, 1e-2)):
+        trainer.step(prompts)
+        assert trainer.opt.param_groups[0]["lr"] == pytest.approx(want_policy)
+        assert trainer.critic_opt.param_groups[0]["lr"] == pytest.approx(want_critic)
+
+
 def test_ppo_stage_writes_logs_and_a_loadable_policy(tmp_path):
     init = make_init_run(tmp_path / "base")
     out = tmp_path / "ppo"

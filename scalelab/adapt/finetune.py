@@ -21,7 +21,7 @@ import torch
 
 from scalelab.config import OptimConfig
 from scalelab.errors import ScalelabError
-from scalelab.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from scalelab.train.optim import build_optimizer, lr_at, optimizer_step, set_lr
 
 MODES = ("full", "last_k", "frozen", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
@@ -100,20 +100,17 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_head(head, rows: list, steps: int, lr: float, batch_size: int = 32, seed: int = 0, warmup: int = 10,
-               weight_decay: float = 0.0, grad_clip: float = 1.0) -> dict:
-    """AdamW on the trainable parameters, linear warmup then cosine decay to 5% of ``lr``; returns losses and
-    wall time."""
+def train_head(head, rows: list, steps: int, optim: OptimConfig, batch_size: int = 32, seed: int = 0) -> dict:
+    """``steps`` updates of the trainable parameters with ``optim`` (a stage's optimizer section, usually
+    [sft.optim]: rate, warmup, schedule, weight decay, clip); returns losses and wall time."""
     if not rows:
         raise ScalelabError("no training examples")
-    if steps < 0 or lr <= 0 or batch_size < 1:
+    if steps < 0 or optim.lr <= 0 or batch_size < 1:
         raise ScalelabError("invalid config: steps >= 0, lr > 0 and batch_size >= 1 are required")
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
         raise ScalelabError("nothing to train: every parameter is frozen")
     torch.manual_seed(seed)
-    optim = OptimConfig(lr=lr, warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.05, weight_decay=weight_decay,
-                        grad_clip=grad_clip)
     opt = build_optimizer(params, optim)
     batches = _batches(len(rows), min(batch_size, len(rows)), seed)
     device = head.device
@@ -123,10 +120,7 @@ def train_head(head, rows: list, steps: int, lr: float, batch_size: int = 32, se
     for step in range(steps):
         set_lr(opt, lr_at(step, optim, steps))
         loss = head.loss(_to(head.collate([rows[i] for i in next(batches)]), device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(params, optim)
-        opt.step()
+        optimizer_step(loss, opt, params, optim)
         losses.append(loss.item())
     head.eval()
     return {"losses": losses, "seconds": time.perf_counter() - t0}

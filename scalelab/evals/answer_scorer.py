@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from scalelab.config import OptimConfig
 from scalelab.data.world import CITIES, EMPLOYERS, MAJORS, MONTHS, UNIVERSITIES
-from scalelab.train.optim import build_optimizer
+from scalelab.train.optim import build_optimizer, optimizer_step
 
 LABELS = ("agree", "abstain", "disagree")
 N_BUCKETS = 4096
@@ -117,17 +117,16 @@ def train_scorer(steps: int = 400, batch_size: int = 128, lr: float = 3e-3, seed
     model = AnswerScorer()
     data = generate_pairs(n_pairs, seed)
     # a constant rate, no decay, and torch's default betas: the judge's recipe since it was first measured
-    opt = build_optimizer(model, OptimConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                                             beta1=0.9, beta2=0.999, grad_clip=0.0))
+    optim = OptimConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, beta1=0.9, beta2=0.999,
+                        grad_clip=0.0)
+    opt = build_optimizer(model, optim)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
     for _ in range(steps):
         idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g).tolist()
         refs, cands, labels = zip(*(data[i] for i in idx))
         loss = F.cross_entropy(model(list(refs), list(cands)), torch.tensor(labels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(loss, opt, model.parameters(), optim)
     held = generate_pairs(n_heldout, seed + 7919)
     pred = model.judge([h[0] for h in held], [h[1] for h in held])
     stats = {"scorer_final_loss": float(loss.detach()), "scorer_heldout_accuracy": sum(LABELS[h[2]] == p for h, p in zip(held, pred)) / len(held)}

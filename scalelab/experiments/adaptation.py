@@ -13,13 +13,15 @@ One pretrained base (cached, experiments/base_run.py) on the synthetic world, th
    LoRA (peft); accuracy, trainable parameters and wall time.
 
 Every example is about people split by person: test examples are about people training never showed.
+Every head and mode trains with the config's [sft] batch size and [sft.optim] (warmup, schedule,
+weight decay, clip), each mode at its own rate (``lr_<mode>``, part of the comparison's design).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +30,9 @@ from scalelab.adapt import data
 from scalelab.adapt.embed import POOLS, LinearProbe, accuracy, cosine_classify, embed_texts
 from scalelab.adapt.finetune import LORA_TARGETS, MODES, base_weights_unchanged, evaluate_head, set_mode, train_head
 from scalelab.adapt.heads import HEADS
+from scalelab.config import OptimConfig
 from scalelab.data.world import ATTRIBUTES
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import plt, save_figure
 from scalelab.experiments.base_run import ensure_base, open_study_folder
 from scalelab.experiments.study import Study
@@ -51,7 +54,6 @@ class AdaptationConfig:
     pools: list[str] = field(default_factory=lambda: ["mean", "last"])
     probe_l2: float = 1e-3
     n_sentences: int = 3  # sentences per short bio (token tagging, span QA, reading QA)
-    batch_size: int = 32
     heads_mode: str = "full"
     heads_steps: int = 300
     finetune_task: str = "sentiment"
@@ -61,7 +63,8 @@ class AdaptationConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-    # Learning rates per mode: fewer trainable weights tolerate (and need) larger steps.
+    # Learning rates per mode: fewer trainable weights tolerate (and need) larger steps. Each replaces the rate
+    # of [sft.optim], whose other keys (warmup, schedule, decay, clip) every mode shares.
     lr_full: float = 3e-4
     lr_last_k: float = 1e-3
     lr_frozen: float = 3e-3
@@ -75,7 +78,7 @@ def validate(a: AdaptationConfig) -> None:
         (0 <= a.negation <= 1, "adaptation.negation must lie in [0, 1]"),
         (bool(a.pools) and all(p in POOLS for p in a.pools), f"adaptation.pools must be a non-empty list of {', '.join(POOLS)}"),
         (a.probe_l2 >= 0, "adaptation.probe_l2 must be >= 0"),
-        (a.n_sentences >= 1 and a.batch_size >= 1, "adaptation.n_sentences and batch_size must be at least 1"),
+        (a.n_sentences >= 1, "adaptation.n_sentences must be at least 1"),
         (a.heads_mode in MODES, f"adaptation.heads_mode must be one of {', '.join(MODES)}"),
         (a.finetune_task in TASKS, f"adaptation.finetune_task must be one of {', '.join(TASKS)}"),
         (bool(a.modes) and all(m in MODES for m in a.modes), f"adaptation.modes must be a non-empty list of {', '.join(MODES)}"),
@@ -85,13 +88,16 @@ def validate(a: AdaptationConfig) -> None:
          f"adaptation.lora_targets must be a non-empty list of {', '.join(LORA_TARGETS)}"),
         (min(a.lr_full, a.lr_last_k, a.lr_frozen, a.lr_lora) > 0, "adaptation.lr_* must be positive"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
-def _lr(a: AdaptationConfig, mode: str) -> float:
-    return getattr(a, f"lr_{mode}")
+# The stage setting this study once copied into [adaptation] (read, with a FutureWarning, for one release).
+MOVED_KEYS = {"batch_size": "sft.batch_size"}
+
+
+def mode_optim(cfg, a: AdaptationConfig, mode: str) -> OptimConfig:
+    """[sft.optim] at the mode's own rate."""
+    return replace(cfg.sft.optim, lr=getattr(a, f"lr_{mode}"))
 
 
 def _examples(world, task: str, people: list[int], n: int, seed: int, a: AdaptationConfig):
@@ -111,7 +117,6 @@ def _label_texts(task: str) -> list[str]:
 
 def embedding_study(model, tok, world, split, a: AdaptationConfig, seed: int) -> dict:
     """Zero-shot cosine and linear-probe accuracy per task and pooling, on frozen final-layer features."""
-
     out = {}
     for task in TASKS:
         xs_train, y_train = _examples(world, task, split[0], a.n_train, seed, a)
@@ -163,23 +168,23 @@ def _head_data(kind: str, tok, world, split, a: AdaptationConfig, seed: int, blo
     return train, test
 
 
-def tune(base, kind: str, mode: str, train_rows, test_rows, a: AdaptationConfig, steps: int, seed: int) -> dict:
-    """A fresh copy of ``base`` under a ``kind`` head, tuned in ``mode``; test metrics before and after."""
-
+def tune(base, kind: str, mode: str, train_rows, test_rows, a: AdaptationConfig, cfg, steps: int, seed: int) -> dict:
+    """A fresh copy of ``base`` under a ``kind`` head, tuned in ``mode`` with [sft]; test metrics before and after."""
     torch.manual_seed(seed)
     backbone = copy.deepcopy(base)
     head = HEADS[kind](backbone, 2) if kind in ("sequence", "token") else HEADS[kind](backbone)
     info = set_mode(head, mode, last_k=a.last_k, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
                     lora_targets=a.lora_targets)
     before = evaluate_head(head, test_rows)
-    run = train_head(head, train_rows, steps, _lr(a, mode), batch_size=a.batch_size, seed=seed)
+    optim = mode_optim(cfg, a, mode)
+    run = train_head(head, train_rows, steps, optim, batch_size=cfg.sft.batch_size, seed=seed)
     after = evaluate_head(head, test_rows)
     info.pop("adapted", None)
     if mode == "lora":
         info["base_weights_unchanged"] = base_weights_unchanged(backbone, base)
     return info | {"test": after, "test_before": before, "train_seconds": run["seconds"], "loss_first": run["losses"][0],
                    "loss_last": sum(run["losses"][-10:]) / len(run["losses"][-10:]), "n_train": len(train_rows),
-                   "n_test": len(test_rows), "lr": _lr(a, mode), "steps": steps,
+                   "n_test": len(test_rows), "lr": optim.lr, "steps": steps,
                    "backbone_params": base.num_params()}
 
 
@@ -216,7 +221,7 @@ def run_adaptation(cfg, a: AdaptationConfig, overwrite: bool = False, log=print)
     for kind in ("sequence", "token", "span", "generation"):
         t = time.perf_counter()
         train_rows, test_rows = _head_data(kind, tok, world, split, a, seed, block)
-        heads[kind] = tune(base, kind, a.heads_mode, train_rows, test_rows, a, a.heads_steps, seed)
+        heads[kind] = tune(base, kind, a.heads_mode, train_rows, test_rows, a, cfg, a.heads_steps, seed)
         timings[f"head_{kind}"] = time.perf_counter() - t
         m = HEAD_METRIC[kind]
         log(f"[head] {kind} ({a.heads_mode}): {m} {heads[kind]['test_before'][m]:.3f} -> {heads[kind]['test'][m]:.3f} "
@@ -229,13 +234,14 @@ def run_adaptation(cfg, a: AdaptationConfig, overwrite: bool = False, log=print)
         if mode == a.heads_mode and a.finetune_steps == a.heads_steps:
             modes[mode] = heads["sequence"]  # the same task, data, seed and steps: the run above, not a rerun
         else:
-            modes[mode] = tune(base, "sequence", mode, train_rows, test_rows, a, a.finetune_steps, seed)
+            modes[mode] = tune(base, "sequence", mode, train_rows, test_rows, a, cfg, a.finetune_steps, seed)
         timings[f"mode_{mode}"] = time.perf_counter() - t
         r = modes[mode]
         log(f"[finetune] {mode}: accuracy {r['test']['accuracy']:.3f}, trainable {r['trainable_params']:,}, "
             f"{r['train_seconds']:.1f}s")
     timings["total"] = time.perf_counter() - t0
-    result = {"adaptation": asdict(a), "world": asdict(world.cfg), "base_run": str(base_dir),
+    result = {"adaptation": asdict(a), "sft": {"batch_size": cfg.sft.batch_size, "optim": asdict(cfg.sft.optim)},
+              "world": asdict(world.cfg), "base_run": str(base_dir),
               "base_params": base.num_params(), "model": asdict(base.config),
               "people": {"train": len(split[0]), "test": len(split[1])},
               "embeddings": embeddings, "heads": heads, "modes": modes, "timings_seconds": timings}
@@ -290,7 +296,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot_embeddings(result: dict, path: Path) -> None:
-
     emb = result["embeddings"]
     groups = [(task, pool) for task, row in emb.items() for pool in row["pools"]]
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -308,7 +313,6 @@ def plot_embeddings(result: dict, path: Path) -> None:
 
 
 def plot_modes(result: dict, path: Path) -> None:
-
     modes = result["modes"]
     names = list(modes)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
@@ -332,4 +336,4 @@ def plot_modes(result: dict, path: Path) -> None:
 
 
 STUDY = Study("adaptation", AdaptationConfig, run_adaptation, summary_markdown,
-              ("summary.md", "results.json", "embeddings.png", "finetune.png"))
+              ("summary.md", "results.json", "embeddings.png", "finetune.png"), MOVED_KEYS)

@@ -54,13 +54,13 @@ def stage_config(cfg: Config, out_dir: Path, **sections) -> Config:
 
 
 def clear_outputs_keep_base(out: str | Path) -> None:
-    """``--overwrite`` for a study: delete its outputs but keep the cached base, which is retrained
-    only when its recipe changes."""
+    """``--overwrite`` for a study: delete its outputs but keep the cached bases (``base``, or one per size
+    ``base_d<depth>``), which are retrained only when their recipe changes."""
     out = Path(out)
     if not out.is_dir():
         return
     for child in out.iterdir():
-        if child.name != "base":
+        if child.name != "base" and not child.name.startswith("base_"):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 

@@ -182,7 +182,6 @@ def _resolve_tasks(tasks) -> list[tuple[str, str, dict]]:
 def evaluate_sweep(sweep_dir, tasks=("addition", "multiplication", "world_qa"), n: int = 100, seed: int = 0,
                    max_new_tokens: int = 16, progress: bool = False) -> list[dict]:
     """Score every finished run of a sweep on every task; writes emergence.csv and emergence.json."""
-
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise ScalelabError(f"sweep folder not found: {sweep}")

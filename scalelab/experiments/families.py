@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from scalelab.data.loader import TokenLoader, eval_batches
 from scalelab.data.world import _PRONOUNS, SENTENCE_TEMPLATES, World, render_qa
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import plt, save_figure
 from scalelab.evals.tasks import normalize_answer
 from scalelab.experiments.base_run import open_study_folder
@@ -45,7 +45,7 @@ from scalelab.experiments.study import Study
 from scalelab.model import families as fam
 from scalelab.pipeline import prepare
 from scalelab.runtime import seed_everything
-from scalelab.train.optim import build_optimizer, lr_at, set_lr
+from scalelab.train.optim import build_optimizer, lr_at, optimizer_step, set_lr
 from scalelab.train.trainer import write_json
 
 # The world's 25 majors in four groups: the probe's classes (roughly balanced: 10 / 4 / 6 / 5).
@@ -95,9 +95,7 @@ def validate(a: FamiliesConfig) -> None:
          and a.probe_weight_decay >= 0, "families.probe_* must be positive, probe_train_fraction in (0, 1)"),
         (a.val_batches >= 1, "families.val_batches must be >= 1"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -125,7 +123,6 @@ class _Objective:
 def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, val_tokens, budget: float,
                  log_path: Path) -> tuple[object, dict]:
     """A fresh model trained on ``budget`` FLOPs of the shared token stream; returns (model, record)."""
-
     seed = cfg.run.seed
     seed_everything(seed)  # same initial weights for the shared backbone across families
     model = fam.build_model(family, cfg.model, tokenizer.vocab_size)
@@ -143,11 +140,7 @@ def train_family(family: str, cfg, a: FamiliesConfig, tokenizer, train_tokens, v
             set_lr(opt, lr_at(step, optim, steps))
             x, y = loader.next_batch()
             loss = objective.loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
+            optimizer_step(loss, opt, model.parameters(), optim)
             losses.append(float(loss.detach()))
             if step % max(1, cfg.train.log_every) == 0 or step == steps - 1:
                 log.write(json.dumps({"family": family, "step": step, "loss": losses[-1],
@@ -332,7 +325,6 @@ def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int, w
 
 def run_families(cfg, a: FamiliesConfig, overwrite: bool = False, log=print) -> dict:
     """Train every family on one FLOPs budget and score it; writes results.json, summary.md and families.png."""
-
     validate(a)
     if cfg.data.source != "world":
         raise ScalelabError("the families study needs the synthetic world: set data.source = 'world'")

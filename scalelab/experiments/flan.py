@@ -241,4 +241,8 @@ def summary_text(result: dict) -> str:
     return json.dumps(result["by_k"], indent=1)
 
 
-STUDY = Study(SECTION, FlanConfig, run_flan, summary_text, ("results.md",))
+# The stage settings this study once copied into [flan] (read, with a FutureWarning, for one release).
+MOVED_KEYS = {"n_examples": "sft.n_examples", "steps": "sft.steps", "batch_size": "sft.batch_size",
+              "lr": "sft.optim.lr", "warmup_steps": "sft.optim.warmup_steps"}
+
+STUDY = Study(SECTION, FlanConfig, run_flan, summary_text, ("results.md",), MOVED_KEYS)

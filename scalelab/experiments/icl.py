@@ -14,7 +14,6 @@ the parameter count, whatever the data show.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from scalelab.errors import ScalelabError
 from scalelab.evals.harness import TaskContext, get_task, run_eval
 from scalelab.evals.lm import load_lm
 from scalelab.evals.plots import plt, save_figure
-from scalelab.experiments.base_run import ensure_base
+from scalelab.experiments.base_run import clear_outputs_keep_base, ensure_base
 from scalelab.experiments.study import Study
 from scalelab.run import Run
 
@@ -57,19 +56,11 @@ def headline_metric(task: str) -> str:
     return get_task(task).metrics[0]
 
 
-def _clear_keep_bases(out: Path) -> None:
-    # like base_run.clear_outputs_keep_base, for one cached base per size
-    if out.is_dir():
-        for child in out.iterdir():
-            if not child.name.startswith("base_d"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
 def run_icl(cfg, a: ICLConfig, overwrite: bool = False, log=print) -> dict:
     validate(a, cfg)
     out = Path(a.out_dir)
     if overwrite:
-        _clear_keep_bases(out)
+        clear_outputs_keep_base(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sizes, timings = [], {}
@@ -145,7 +136,6 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-
     a = result["icl"]
     shots = sorted(set(a["shots"]))
     fig, axes = plt.subplots(1, len(a["tasks"]), figsize=(5.5 * len(a["tasks"]), 4.2), squeeze=False)

@@ -9,29 +9,31 @@ same untrained weights (``base`` below).
 1. Warm start. SFT on the answer alone ("Answer: 1776") vs SFT on the worked steps then the answer,
    at EQUAL TRAINING FLOPs. Batches hold one task each and are padded to their longest row; a
    batch of ``b`` rows padded to ``T`` input tokens costs ``b * T * flops_per_token(T)``
-   (GPT.flops_per_token: forward + backward, attention included). The CoT condition runs
-   ``sft_steps`` batches; the answer-only condition runs as many of its own (shorter) batches as
-   it takes to reach the same FLOPs. Accuracy (greedy, verified) per task and difficulty.
-2. RL. GRPO (scalelab.posttrain.grpo) from the CoT model, one run per task, reward
+   (GPT.flops_per_token: forward + backward, attention included). The CoT condition is the config's
+   [sft] stage (``sft.steps`` batches of ``sft.batch_size``, [sft.optim]); the answer-only condition
+   runs as many of its own (shorter) batches as it takes to reach the same FLOPs, with the same
+   settings. Accuracy (greedy, verified) per task and difficulty.
+2. RL. The config's [grpo] stage (steps, prompts_per_step, group_size, kl_coef, clip, temperature,
+   the reward weights, [grpo.optim], ...) from the CoT model, one run per task, reward
    ``make_reward`` (correct / formatted / wrong / malformed): pass@1 of the rollouts at every step
-   and greedy pass@1 on the held-out problems every ``rl_eval_every`` steps.
+   and greedy pass@1 on ``grpo.eval_problems`` held-out problems every ``grpo.eval_every`` steps.
+   The study sets the problems and each task's ``max_new_tokens`` (room for its longest worked reply).
 3. Test-time compute (reasoning_ttc.py): accuracy against the thinking-token budget, and against
    the number of samples with majority vote vs best-of-N picked by the verifier.
-4. Tool use (reasoning_tools.py): SFT on calculator-call traces, accuracy with and without the tool.
+4. Tool use (reasoning_tools.py): SFT ([sft], for ``tool_sft_steps``) on calculator-call traces, accuracy
+   with and without the tool.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from scalelab.config import GRPOConfig
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.evals.plots import label_fraction_axes, plt, save_figure
 from scalelab.experiments import reasoning_tools as tools
 from scalelab.experiments import reasoning_ttc as ttc
@@ -42,14 +44,13 @@ from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain import common
 from scalelab.posttrain.data import pad_rows
-from scalelab.posttrain.grpo import GRPOTrainer
-from scalelab.posttrain.sft import sft_loss
+from scalelab.posttrain.grpo import trainer_from_config
+from scalelab.posttrain.sft import sft_on_batches
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, render_reply, verify
 from scalelab.tokenizer import ByteTokenizer, CharTokenizer
-from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import build_optimizer
+from scalelab.train.optim import lr_at, set_lr
 
 SECTION = "reasoning"
 CONDITIONS = ("answer_only", "cot")
@@ -66,31 +67,12 @@ class ReasoningConfig:
     difficulties: dict[str, list[int]] = field(default_factory=_default_difficulties)  # per task
     train_per_difficulty: int = 2000  # SFT problems per (task, difficulty), before held-out prompts are removed
     eval_per_difficulty: int = 48
-    # warm start: both conditions from the same init; CoT gets sft_steps, answer-only matches its FLOPs
-    sft_steps: int = 2400
-    sft_batch_size: int = 8
-    sft_lr: float = 1e-3
-    sft_warmup_steps: int = 20
-    # RL: GRPO from the CoT model, one run per task
+    # Warm start: both conditions from the same init; the CoT one is the [sft] stage as configured, the
+    # answer-only one matches its FLOPs. RL: the [grpo] stage from the CoT model, one run per task.
     rl_tasks: list[str] = field(default_factory=list)  # empty: every task
-    rl_steps: int = 20
-    rl_prompts: int = 8
-    group_size: int = 8
-    rl_lr: float = 5e-5
-    kl_coef: float = 0.0
-    clip: float = 0.2
-    loss_norm: str = "token"
-    dynamic_sampling: bool = False
-    temperature: float = 0.8
-    rl_eval_every: int = 5
-    rl_eval_problems: int = 48  # held-out problems per task, spread over its difficulties
-    # pass@1 as the mean over this many samples per held-out problem at the RL temperature (0: greedy only);
+    # pass@1 as the mean over this many samples per held-out problem at grpo.temperature (0: greedy only);
     # the same seeds at every evaluation, so the curve moves only because the policy does
     rl_eval_samples: int = 8
-    reward_correct: float = 1.0
-    reward_formatted: float = 0.1
-    reward_wrong: float = 0.0
-    reward_malformed: float = -0.1
     # test-time compute
     ttc_tasks: list[str] = field(default_factory=list)  # empty: every task
     ttc_from: str = "cot"  # the model measured: "cot" (the SFT warm start) or "rl" (each task's RL policy)
@@ -101,12 +83,22 @@ class ReasoningConfig:
     ttc_temperature: float = 0.8
     # tool use
     tool_tasks: list[str] = field(default_factory=lambda: ["addition", "multiplication", "expression"])
-    tool_sft_steps: int = 120
-    tool_lr: float = 1e-3
+    tool_sft_steps: int = 120  # the [sft] stage, for this many steps, on calculator-call traces
     tool_eval_per_difficulty: int = 24
 
 
-def validate(r: ReasoningConfig) -> dict:
+# The stage settings this study once copied into [reasoning], and where they live now (read, with a
+# FutureWarning, for one release). The tool SFT's own rate is gone: it runs [sft.optim] like the warm start.
+MOVED_KEYS = {"sft_steps": "sft.steps", "sft_batch_size": "sft.batch_size", "sft_lr": "sft.optim.lr",
+              "sft_warmup_steps": "sft.optim.warmup_steps", "tool_lr": "sft.optim.lr", "rl_steps": "grpo.steps",
+              "rl_prompts": "grpo.prompts_per_step", "group_size": "grpo.group_size", "rl_lr": "grpo.optim.lr",
+              "kl_coef": "grpo.kl_coef", "clip": "grpo.clip", "loss_norm": "grpo.loss_norm",
+              "dynamic_sampling": "grpo.dynamic_sampling", "temperature": "grpo.temperature",
+              "rl_eval_every": "grpo.eval_every", "rl_eval_problems": "grpo.eval_problems",
+              **{f"reward_{k}": f"grpo.reward_{k}" for k in ("correct", "formatted", "wrong", "malformed")}}
+
+
+def validate(r: ReasoningConfig, cfg) -> dict:
     """The task objects by name; a ScalelabError naming the first bad key otherwise."""
     if not r.tasks:
         raise ScalelabError("invalid config: reasoning.tasks must name at least one task")
@@ -121,28 +113,22 @@ def validate(r: ReasoningConfig) -> dict:
         bad = [t for t in getattr(r, key) if t not in tasks]
         if bad:
             raise ScalelabError(f"invalid config: reasoning.{key} names {bad[0]!r}, which is not in reasoning.tasks")
+    g = cfg.grpo
     checks = [
-        (r.train_per_difficulty >= 1 and r.eval_per_difficulty >= 1, "train_per_difficulty and eval_per_difficulty >= 1"),
-        (r.sft_steps >= 1 and r.sft_batch_size >= 1 and r.sft_lr > 0 and r.sft_warmup_steps >= 0,
-         "sft_steps, sft_batch_size, sft_lr must be positive, sft_warmup_steps >= 0"),
-        (r.rl_steps >= 0 and r.rl_prompts >= 1 and r.group_size >= 2 and r.rl_eval_every >= 1 and r.rl_eval_problems >= 1
-         and r.rl_eval_samples >= 0,
-         "rl_steps >= 0, rl_prompts >= 1, group_size >= 2, rl_eval_every and rl_eval_problems >= 1, rl_eval_samples >= 0"),
-        (r.rl_lr > 0 and r.kl_coef >= 0 and r.clip >= 0 and r.temperature > 0, "rl_lr and temperature > 0, kl_coef and clip >= 0"),
-        (r.loss_norm in ("token", "sequence"), "loss_norm must be 'token' or 'sequence'"),
-        (r.reward_wrong < r.reward_correct, "reward_wrong must be below reward_correct"),
-        (r.ttc_from in ("cot", "rl"), "ttc_from must be 'cot' or 'rl'"),
+        (r.train_per_difficulty >= 1 and r.eval_per_difficulty >= 1, "reasoning.train_per_difficulty and eval_per_difficulty >= 1"),
+        (r.rl_eval_samples >= 0, "reasoning.rl_eval_samples must be >= 0"),
+        (g.eval_problems >= 1, "grpo.eval_problems must be >= 1: the study scores every RL run on held-out problems"),
+        (g.reward_wrong < g.reward_correct, "grpo.reward_wrong must be below grpo.reward_correct"),
+        (r.ttc_from in ("cot", "rl"), "reasoning.ttc_from must be 'cot' or 'rl'"),
         (r.ttc_problems >= 1 and r.thinking_budgets and all(b >= 0 for b in r.thinking_budgets),
-         "ttc_problems >= 1 and thinking_budgets a non-empty list of budgets >= 0"),
+         "reasoning.ttc_problems >= 1 and thinking_budgets a non-empty list of budgets >= 0"),
         (1 <= r.ttc_samples <= 64 and r.sample_counts and all(1 <= n <= r.ttc_samples for n in r.sample_counts),
-         "ttc_samples in 1..64 and every sample_counts value in 1..ttc_samples"),
-        (r.ttc_temperature > 0, "ttc_temperature must be positive"),
-        (r.tool_sft_steps >= 1 and r.tool_lr > 0 and r.tool_eval_per_difficulty >= 1,
-         "tool_sft_steps, tool_lr and tool_eval_per_difficulty must be positive"),
+         "reasoning.ttc_samples in 1..64 and every sample_counts value in 1..ttc_samples"),
+        (r.ttc_temperature > 0, "reasoning.ttc_temperature must be positive"),
+        (r.tool_sft_steps >= 1 and r.tool_eval_per_difficulty >= 1,
+         "reasoning.tool_sft_steps and tool_eval_per_difficulty must be positive"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: reasoning.{msg}")
+    check_config(checks)
     return tasks
 
 
@@ -160,13 +146,13 @@ def sft_row(tokenizer, problem, with_thinking: bool) -> tuple[list[int], list[in
     return p + y, [0] * len(p) + [1] * len(y)
 
 
-def problem_sets(r: ReasoningConfig, tasks: dict, seed: int) -> dict:
+def problem_sets(r: ReasoningConfig, tasks: dict, seed: int, rl_prompts: int) -> dict:
     """Per task: held-out "eval" problems by difficulty, an "rl" prompt pool, and "train" problems
     (generated with other seeds, every prompt of the held-out and RL sets removed)."""
     out = {}
     for name, task in tasks.items():
         ev = {d: task.generate(r.eval_per_difficulty, seed * 10 + 1, d) for d in r.difficulties[name]}
-        rl = [p for d in r.difficulties[name] for p in task.generate(max(64, r.rl_prompts * 8), seed * 10 + 2, d)]
+        rl = [p for d in r.difficulties[name] for p in task.generate(max(64, rl_prompts * 8), seed * 10 + 2, d)]
         held = {p.prompt for ps in ev.values() for p in ps} | {p.prompt for p in rl}
         train = [p for d in r.difficulties[name] for p in task.generate(r.train_per_difficulty, seed * 10, d)
                  if p.prompt not in held]
@@ -247,24 +233,18 @@ def equal_compute_plans(lengths: dict[str, dict[str, list[int]]], batch_size: in
     return {"cot": cot, "answer_only": ans}
 
 
-def sft_train(init, tokenizer, rows: list, batches: list, r: ReasoningConfig, train_cfg, lr: float, log_path: Path,
-              desc: str):
-    """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only); (model, losses)."""
-    model = copy.deepcopy(init).train()
-    device = next(model.parameters()).device
-    tcfg = replace(train_cfg, steps=len(batches), batch_size=r.sft_batch_size, grad_accum=1,
-                   optim=replace(train_cfg.optim, lr=lr, warmup_steps=min(r.sft_warmup_steps, max(0, len(batches) - 1))))
-    opt = build_optimizer(model, tcfg.optim)
+def sft_train(init, tokenizer, rows: list, batches: list, cfg, log_path: Path, desc: str):
+    """A copy of ``init`` trained on ``rows`` batch by batch (loss on reply tokens only) with the [sft] stage's
+    settings, for as many steps as ``batches`` holds (a warmup longer than the run is cut to fit); (model, losses)."""
+    tcfg = common.stage_train_config(cfg.train, cfg.sft)
+    tcfg = replace(tcfg, steps=len(batches),
+                   optim=replace(tcfg.optim, warmup_steps=min(tcfg.optim.warmup_steps, max(0, len(batches) - 1))))
 
-    def step_fn(step):
+    def batch(step):
         chosen = [rows[i] for i in batches[step]]
-        ids, mask = pad_rows(chosen, max(len(c[0]) for c in chosen), tokenizer.bos_id)
-        return sft_loss(model, ids.to(device), mask.to(device)), {}
+        return pad_rows(chosen, max(len(c[0]) for c in chosen), tokenizer.bos_id)
 
-    logger = MetricsLogger(log_path)
-    losses, _ = common.run_steps(model.parameters(), opt, tcfg, step_fn, None, 1, logger, device, desc, False)
-    logger.close()
-    return model.eval(), losses
+    return sft_on_batches(init, batch, tcfg, log_path, desc)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -279,7 +259,6 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 def sampled_pass_at_1(model, tokenizer, problems: list, max_new_tokens: int, n: int, temperature: float,
                       seed: int) -> float:
     """Mean correctness of ``n`` samples per problem at ``temperature``: pass@1 of the sampling policy."""
-
     engine = Engine(model, tokenizer, max_batch=max(1, min(128, len(problems) * n)))
     reqs = [engine.submit(chat_prompt(tokenizer, p), GenerationParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, seed=seed * 7919 + i, n=n,
@@ -313,28 +292,18 @@ def accuracy_by_difficulty(model, tokenizer, eval_sets: dict, max_new_tokens: in
 # -- RL -----------------------------------------------------------------------------------------------------
 
 
-def _accepted_kwargs(cls, wanted: dict) -> tuple[dict, list[str]]:
-    """The options this GRPOTrainer accepts, and the names of those it does not (recorded, not fatal)."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return dict(wanted), []
-    return {k: v for k, v in wanted.items() if k in params}, sorted(k for k in wanted if k not in params)
-
-
-def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int, seed: int, log_path: Path):
-    """GRPO on one task's RL pool; (policy, history with rollout and held-out greedy pass@1)."""
-    reward = make_reward(correct=r.reward_correct, formatted=r.reward_formatted, wrong=r.reward_wrong,
-                         malformed=r.reward_malformed)
+def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, g, max_new_tokens: int, seed: int, log_path: Path):
+    """The [grpo] stage ``g`` on one task's RL pool; (policy, history with rollout and held-out pass@1)."""
+    reward = make_reward(correct=g.reward_correct, formatted=g.reward_formatted, wrong=g.reward_wrong,
+                         malformed=g.reward_malformed)
     policy = copy.deepcopy(init)
-    options, ignored = _accepted_kwargs(GRPOTrainer, dict(
-        group_size=r.group_size, optim=replace(GRPOConfig().optim, lr=r.rl_lr), kl_coef=r.kl_coef, clip=r.clip, max_new_tokens=max_new_tokens,
-        temperature=r.temperature, loss_norm=r.loss_norm, dynamic_sampling=r.dynamic_sampling, seed=seed,
-        minibatch_size=r.rl_prompts * r.group_size, correct_fn=lambda prob, text: verify(prob, text)["correct"]))
-    trainer = GRPOTrainer(policy, tokenizer, lambda i, text, prob: reward(prob, text), **options)
-    held = spread(sets["eval"], r.rl_eval_problems)
+    trainer = trainer_from_config(policy, tokenizer, lambda i, text, prob: reward(prob, text), g, seed,
+                                  max_new_tokens=max_new_tokens,
+                                  correct_fn=lambda prob, text: verify(prob, text)["correct"])
+    held = spread(sets["eval"], g.eval_problems)
     rng = random.Random(f"reasoning-rl-{seed}")
     hist = {"step": [], "reward": [], "pass@1": [], "response_length": [], "kl": [], "entropy": [],
-            "eval_step": [], "eval_pass@1": [], "eval_sampled_pass@1": [], "ignored_options": ignored}
+            "eval_step": [], "eval_pass@1": [], "eval_sampled_pass@1": []}
 
     def evaluate(step):
         v = verified(policy, tokenizer, held, max_new_tokens)
@@ -342,22 +311,23 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
         hist["eval_pass@1"].append(sum(x["correct"] for x in v) / len(v))
         if r.rl_eval_samples > 0:
             hist["eval_sampled_pass@1"].append(sampled_pass_at_1(policy, tokenizer, held, max_new_tokens,
-                                                                 r.rl_eval_samples, r.temperature, seed))
+                                                                 r.rl_eval_samples, g.temperature, seed))
 
     evaluate(0)
     with open(log_path, "w", encoding="utf-8") as log:
-        for step in range(1, r.rl_steps + 1):
-            batch = rng.sample(sets["rl"], min(r.rl_prompts, len(sets["rl"])))
+        for step in range(1, g.steps + 1):
+            set_lr(trainer.opt, lr_at(step - 1, g.optim, g.steps))
+            batch = rng.sample(sets["rl"], min(g.prompts_per_step, len(sets["rl"])))
             stats = trainer.step([chat_prompt(tokenizer, p) for p in batch], batch)
             texts = stats.pop("texts", None)
             if "pass@1" not in stats and texts is not None:
-                stats["pass@1"] = sum(verify(batch[j // r.group_size], t)["correct"]
+                stats["pass@1"] = sum(verify(batch[j // g.group_size], t)["correct"]
                                       for j, t in enumerate(texts)) / len(texts)
             hist["step"].append(step)
             for k in ("reward", "pass@1", "response_length", "kl", "entropy"):
                 hist[k].append(float(stats[k]) if k in stats else None)
             log.write(json.dumps({"step": step, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}) + "\n")
-            if step % r.rl_eval_every == 0 or step == r.rl_steps:
+            if step % g.eval_every == 0 or step == g.steps:
                 evaluate(step)
     return policy.eval(), hist
 
@@ -366,13 +336,13 @@ def rl_task(init, tokenizer, sets: dict, r: ReasoningConfig, max_new_tokens: int
 
 
 def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -> dict:
-    tasks = validate(r)
+    tasks = validate(r, cfg)
     out = open_study_folder(r.out_dir, overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     seed = cfg.run.seed
     seed_everything(seed)
-    sets = problem_sets(r, tasks, seed)
+    sets = problem_sets(r, tasks, seed, cfg.grpo.prompts_per_step)
     texts = [p.prompt + "\n" + p.thinking + "\n" + p.answer for s in sets.values() for p in s["train"]]
     tok = build_tokenizer(cfg.tokenizer.kind, texts)
     device = resolve_device(cfg.run.device)
@@ -394,13 +364,13 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
             if cond == "cot":  # room for the longest worked reply, capped by the context
                 prompt_len = max(len(chat_prompt(tok, p)) for p in s["train"])
                 max_new[name] = min(block - prompt_len, max(len(k[0]) - sum(1 for m in k[1] if not m) for k in kept) + 16)
-    plans = equal_compute_plans(lengths, r.sft_batch_size, r.sft_steps, seed, base.flops_per_token)
+    plans = equal_compute_plans(lengths, cfg.sft.batch_size, cfg.sft.steps, seed, base.flops_per_token)
     log("equal compute: " + ", ".join(f"{c} {plans[c]['steps']} steps {plans[c]['flops']:.3e} FLOPs" for c in CONDITIONS))
     models, warm, flags = {}, {}, {}
     for cond in CONDITIONS:
         t = time.perf_counter()
-        models[cond], losses = sft_train(base, tok, rows[cond], plans[cond]["batches"], r, cfg.train, r.sft_lr,
-                                         out / f"sft_{cond}.jsonl", f"sft-{cond}")
+        models[cond], losses = sft_train(base, tok, rows[cond], plans[cond]["batches"], cfg, out / f"sft_{cond}.jsonl",
+                                         f"sft-{cond}")
         timings[f"sft_{cond}"] = time.perf_counter() - t
         t = time.perf_counter()
         warm[cond], flags[cond] = {}, {}
@@ -419,7 +389,8 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
     rl, policies = {}, {}
     for name in r.rl_tasks or list(tasks):
         t = time.perf_counter()
-        policies[name], rl[name] = rl_task(models["cot"], tok, sets[name], r, max_new[name], seed, out / f"rl_{name}.jsonl")
+        policies[name], rl[name] = rl_task(models["cot"], tok, sets[name], r, cfg.grpo, max_new[name], seed,
+                                           out / f"rl_{name}.jsonl")
         timings[f"rl_{name}"] = time.perf_counter() - t
         sampled = rl[name]["eval_sampled_pass@1"]
         log(f"RL {name}: held-out pass@1 greedy {rl[name]['eval_pass@1'][0]:.3f} -> {rl[name]['eval_pass@1'][-1]:.3f}"
@@ -455,9 +426,8 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
         if not trace_rows:
             raise ScalelabError(f"reasoning.tool_tasks {r.tool_tasks}: no problem has a prompt the calculator can compute")
         batches = [b for _, b in zip(range(r.tool_sft_steps), batch_stream({"tools": [len(x[0]) for x in trace_rows]},
-                                                                             r.sft_batch_size, seed))]
-        tool_model, _ = sft_train(models["cot"], tok, trace_rows, batches, r, cfg.train, r.tool_lr,
-                                  out / "sft_tools.jsonl", "sft-tools")
+                                                                             cfg.sft.batch_size, seed))]
+        tool_model, _ = sft_train(models["cot"], tok, trace_rows, batches, cfg, out / "sft_tools.jsonl", "sft-tools")
         for name in r.tool_tasks:
             res = {}
             for d, ps in sets[name]["eval"].items():
@@ -474,7 +444,7 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
         log(f"tools: {timings['tools']:.0f}s")
 
     timings["total"] = time.perf_counter() - t0
-    result = {"reasoning": asdict(r), "seed": seed, "tokenizer": tok.kind, "model": asdict(base.config),
+    result = {"reasoning": asdict(r), "sft": asdict(cfg.sft), "grpo": asdict(cfg.grpo), "seed": seed, "tokenizer": tok.kind, "model": asdict(base.config),
               "params": base.num_params(), "compute": compute,
               "data": {n: {"train": len(s["train"]), "eval_per_difficulty": r.eval_per_difficulty, "rl_pool": len(s["rl"]),
                            "max_new_tokens": max_new[n]} for n, s in sets.items()},
@@ -492,14 +462,14 @@ def run_reasoning(cfg, r: ReasoningConfig, overwrite: bool = False, log=print) -
 
 
 def summary_markdown(result: dict) -> str:
-    r, c = result["reasoning"], result["compute"]
+    r, c, sft = result["reasoning"], result["compute"], result["sft"]
     lines = ["# Reasoning study", "",
              f"Model: {result['params']:,} parameters ({result['model']['depth']} layers, width {result['model']['n_embd']}), "
              f"{result['tokenizer']} tokenizer, seeded random init (seed {result['seed']}).", "",
              "## Warm start at equal compute", "",
              f"CoT SFT: {c['cot']['steps']} steps, {c['cot']['flops']:.3e} FLOPs; answer-only SFT: "
              f"{c['answer_only']['steps']} steps, {c['answer_only']['flops']:.3e} FLOPs "
-             f"(ratio {c['flops_ratio_answer_only_to_cot']:.3f}). Batches of {r['sft_batch_size']} rows of one task, "
+             f"(ratio {c['flops_ratio_answer_only_to_cot']:.3f}). Batches of {sft['batch_size']} rows of one task, "
              "padded to their longest row; FLOPs = rows x inputs x flops_per_token(inputs).", "",
              "| task | difficulty | answer-only | CoT |", "|---|---|---|---|"]
     w = result["warm_start"]
@@ -571,4 +541,4 @@ def plot_rl(result: dict, path: Path) -> None:
     save_figure(fig, path, "GRPO from the chain-of-thought warm start")
 
 
-STUDY = Study(SECTION, ReasoningConfig, run_reasoning, summary_markdown, ("summary.md", "results.json"))
+STUDY = Study(SECTION, ReasoningConfig, run_reasoning, summary_markdown, ("summary.md", "results.json"), MOVED_KEYS)

@@ -94,7 +94,6 @@ def tool_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 def tool_accuracy(model, tokenizer, problems: list, prompts: list[list[int]], max_new_tokens: int,
                   with_tool: bool) -> dict:
     """Accuracy, share of replies that called the tool, and a few examples."""
-
     if not problems:
         raise ScalelabError("no problems to evaluate tool use on")
     replies = tool_replies(model, tokenizer, prompts, max_new_tokens, with_tool)
@@ -106,7 +105,6 @@ def tool_accuracy(model, tokenizer, problems: list, prompts: list[list[int]], ma
 
 def plot_tools(tools: dict, task_names: list[str], path) -> None:
     """Accuracy against difficulty with and without the calculator, one panel per arithmetic task."""
-
     fig, axes = plt.subplots(1, len(task_names), figsize=(3.4 * len(task_names), 3.4), squeeze=False)
     lines = (("answer_only", "SFT answer only", "s:"), ("cot", "SFT chain of thought", "^--"),
              ("tool_disabled", "tool SFT, calculator refused", "x-."), ("tool", "tool SFT + calculator", "o-"))

@@ -124,7 +124,6 @@ def budget_replies(model, tokenizer, prompts: list[list[int]], budget: int, answ
 def budget_curve(model, tokenizer, problems: list, prompts: list[list[int]], budgets: list[int],
                  answer_tokens: int) -> dict:
     """Accuracy and mean thinking tokens used at each budget."""
-
     acc, used = [], []
     for b in budgets:
         replies = budget_replies(model, tokenizer, prompts, b, answer_tokens)
@@ -136,7 +135,6 @@ def budget_curve(model, tokenizer, problems: list, prompts: list[list[int]], bud
 def sampled_answers(model, tokenizer, problems: list, prompts: list[list[int]], samples: int, temperature: float,
                     max_new_tokens: int, seed: int) -> list[list[dict]]:
     """``samples`` sampled replies per problem, each verified: [{"answer", "correct", "formatted"}]."""
-
     engine = _engine(model, tokenizer, len(prompts) * samples)
     reqs = [engine.submit(p, GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                                               top_p=1.0, seed=seed * 100_003 + i, n=samples,
@@ -153,7 +151,6 @@ def sampled_answers(model, tokenizer, problems: list, prompts: list[list[int]], 
 def plot_ttc(ttc: dict, budget_path, samples_path) -> None:
     """Two figures: accuracy against thinking budget (one line per task); majority vote vs verifier
     best-of-N against the number of samples (one panel per task)."""
-
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, t in ttc.items():
         ax.plot(t["budget"]["budget"], t["budget"]["accuracy"], "o-", label=name)

@@ -279,4 +279,13 @@ def summary_text(result: dict) -> str:
     return json.dumps({n: {k: round(v, 4) for k, v in f.items()} for n, f in result["final"].items()}, indent=1)
 
 
-STUDY = Study(SECTION, RewardHackingConfig, run_reward_hacking, summary_text, ("results.md",))
+# The stage settings this study once copied into [reward_hacking] (read, with a FutureWarning, for one release).
+MOVED_KEYS = {"sft_examples": "sft.n_examples", "sft_steps": "sft.steps", "sft_lr": "sft.optim.lr",
+              "pairs": ("rm.n_pairs", "dpo.n_pairs"), "rm_steps": "rm.steps", "rm_lr": "rm.optim.lr",
+              "batch_size": ("sft.batch_size", "rm.batch_size", "dpo.batch_size"), "iterations": "ppo.iterations",
+              "rollout_batch": "ppo.rollout_batch", "minibatch_size": "ppo.minibatch_size", "ppo_lr": "ppo.optim.lr",
+              "critic_lr": "ppo.critic_optim.lr", "max_new_tokens": "ppo.max_new_tokens", "kl_coef": "ppo.kl_coef",
+              "missing_eos_penalty": "ppo.missing_eos_penalty", "dpo_steps": "dpo.steps", "dpo_lr": "dpo.optim.lr",
+              "dpo_beta": "dpo.beta"}
+
+STUDY = Study(SECTION, RewardHackingConfig, run_reward_hacking, summary_text, ("results.md",), MOVED_KEYS)

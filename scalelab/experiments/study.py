@@ -7,7 +7,7 @@ The study writes into its ``out_dir``; the CLI prints its summary and where its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,9 +21,12 @@ class Study:
     run: Callable[..., dict]  # run(cfg, study_cfg, overwrite=...) -> result
     summary: Callable[[dict], str]  # Markdown for the terminal
     outputs: tuple[str, ...]  # files in out_dir worth pointing at
+    # old study keys that copied a stage's setting -> that setting ("sft_lr" -> "sft.optim.lr"), read with a
+    # FutureWarning for one release
+    moved_keys: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
 
     def load(self, path, overrides) -> tuple[Config, Any]:
-        return load_config_with_section(path, overrides, self.name, self.config_class)
+        return load_config_with_section(path, overrides, self.name, self.config_class, self.moved_keys)
 
     def main(self, path, overrides, overwrite: bool = False) -> dict:
         cfg, own = self.load(path, overrides)

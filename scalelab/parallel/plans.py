@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scalelab.errors import ScalelabError
+from scalelab.errors import ScalelabError, check_config
 from scalelab.parallel.mesh import Layout, data_mesh
 
 
@@ -54,9 +54,7 @@ def check_model_fits(model, layout: Layout) -> None:
         (not c.tie_embeddings, "model.tie_embeddings=true is not supported with parallel.tp > 1 "
                                "(the embedding is split by rows, the lm_head by columns)"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ScalelabError(f"invalid config: {msg}")
+    check_config(checks)
 
 
 def tp_plan(model) -> dict:

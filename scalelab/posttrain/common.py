@@ -27,7 +27,7 @@ from scalelab.run import CHECKPOINTS_DIR
 from scalelab.runtime import autocast_context
 from scalelab import checkpoint as ckpt
 from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import clip_grad_norm, lr_at, set_lr
+from scalelab.train.optim import lr_at, optimizer_step, set_lr
 
 
 def stage_train_config(train: TrainConfig, section) -> TrainConfig:
@@ -87,10 +87,7 @@ def run_steps(
         set_lr(optimizer, lr)
         with autocast_context(device, train.dtype):
             loss, stats = step_fn(step)
-        loss.backward()
-        grad_norm = clip_grad_norm(params, train.optim)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(loss, optimizer, params, train.optim)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ScalelabError(f"{desc} loss became {value} at step {step + 1}; lower the learning rate or check the data")

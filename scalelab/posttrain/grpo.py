@@ -40,7 +40,7 @@ from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.ppo import kl_estimate, logprobs_and_entropy
-from scalelab.train.optim import build_optimizer
+from scalelab.train.optim import build_optimizer, optimizer_step
 
 # (prompt index, reply text, extra) -> reward; the extra is whatever the caller attached to the prompt
 # (a task Problem, a QA item...)
@@ -160,10 +160,6 @@ class GRPOTrainer:
         self.seed, self.iteration = seed, 0
         self.rng = torch.Generator().manual_seed(seed)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
     def _base_seed(self, round_: int) -> int:
         if round_ == 0:
             return (self.seed * 100_003 + self.iteration) * 4099
@@ -279,14 +275,22 @@ class GRPOTrainer:
                 logp, entropy = logprobs_and_entropy(self.policy, ids[mb], self.temperature)
                 loss, parts = grpo_loss(logp, old_logp[mb], token_adv[mb], m, self.clip, self.loss_norm,
                                         None if ref_logp is None else ref_logp[mb], self.kl_coef)
-                loss.backward()
-                if self.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.optim.grad_clip)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                optimizer_step(loss, self.opt, self.policy.parameters(), self.optim)
                 for k, v in parts.items():
                     stats[k].append(float(v))
                 stats["entropy"].append(float(reduce_tokens(entropy.detach(), m, "token")))
                 # how far this minibatch's policy already moved from the one that sampled (k1, per token)
                 stats["approx_kl"].append(float(reduce_tokens((old_logp[mb] - logp).detach(), m, "token")))
         return stats_out | {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def trainer_from_config(policy: GPT, tokenizer, reward_fn: TextReward, g: GRPOConfig, seed: int,
+                        **fixed) -> GRPOTrainer:
+    """A trainer with the settings of a ``[grpo]`` section; ``fixed`` holds what the caller sets itself
+    (correct_fn, stop_strings, a study's max_new_tokens)."""
+    options = dict(group_size=g.group_size, optim=g.optim, kl_coef=g.kl_coef, clip=g.clip, max_new_tokens=g.max_new_tokens,
+                   temperature=g.temperature, minibatch_size=g.minibatch_size or g.prompts_per_step * g.group_size,
+                   epochs=g.epochs, seed=seed, scale_advantages=g.scale_advantages, loss_norm=g.loss_norm,
+                   dynamic_sampling=g.dynamic_sampling, max_refill_rounds=g.max_refill_rounds,
+                   old_logprobs=g.old_logprobs)
+    return GRPOTrainer(policy, tokenizer, reward_fn, **(options | fixed))

@@ -17,13 +17,13 @@ from scalelab.errors import ScalelabError
 from scalelab.evals.plots import plt, save_figure
 from scalelab.posttrain import common
 from scalelab.posttrain.chat import prompt_ids
-from scalelab.posttrain.grpo import GRPOTrainer
+from scalelab.posttrain.grpo import trainer_from_config
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.tasks import get_task
 from scalelab.tasks.answer_format import make_reward, verify
 from scalelab.train.metrics import MetricsLogger, read_metrics
-from scalelab.train.optim import lr_at
+from scalelab.train.optim import lr_at, set_lr
 
 
 class ProblemStream:
@@ -120,14 +120,8 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
         problems = stream.take(n)
         return [encode(p) for p in problems], problems
 
-    batch = g.prompts_per_step * g.group_size
-    trainer = GRPOTrainer(policy, tok, lambda i, text, problem: reward(problem, text), group_size=g.group_size,
-                          optim=g.optim, kl_coef=g.kl_coef, clip=g.clip, max_new_tokens=g.max_new_tokens,
-                          temperature=g.temperature, minibatch_size=g.minibatch_size or batch, epochs=g.epochs,
-                          seed=cfg.run.seed, scale_advantages=g.scale_advantages,
-                          loss_norm=g.loss_norm, dynamic_sampling=g.dynamic_sampling,
-                          max_refill_rounds=g.max_refill_rounds, old_logprobs=g.old_logprobs,
-                          correct_fn=lambda problem, text: verify(problem, text)["correct"])
+    trainer = trainer_from_config(policy, tok, lambda i, text, problem: reward(problem, text), g, cfg.run.seed,
+                                  correct_fn=lambda problem, text: verify(problem, text)["correct"])
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="grpo", task=g.task, difficulty=difficulty, params=policy.num_params(),
                held_out=len(held_out), reward_weights=reward.weights)
@@ -145,7 +139,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
     history = []
     for step in range(1, g.steps + 1):
         lr = lr_at(step - 1, g.optim, g.steps)
-        trainer.set_lr(lr)
+        set_lr(trainer.opt, lr)
         problems = stream.take(g.prompts_per_step)
         stats = trainer.step([encode(p) for p in problems], problems, refill=refill if g.dynamic_sampling else None)
         texts = stats.pop("texts")

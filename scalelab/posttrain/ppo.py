@@ -38,7 +38,7 @@ from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 from scalelab.train.metrics import MetricsLogger
-from scalelab.train.optim import build_optimizer
+from scalelab.train.optim import build_optimizer, lr_at, set_lr
 
 RewardFn = Callable[[list[int], list[int], str, object], float]
 
@@ -208,6 +208,8 @@ class PPOTrainer:
             adv, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
             adv = whiten(adv, mask)
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "entropy", "approx_kl")}
+        for opt, optim in ((self.opt, c.optim), (self.critic_opt, c.critic_optim)):
+            set_lr(opt, lr_at(self.iteration, optim, c.iterations))
         self.policy.train()
         self.critic.train()
         for _ in range(c.epochs):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import torch
 
-from scalelab.config import Config
+from scalelab.config import Config, TrainConfig
 from scalelab.errors import ScalelabError
 from scalelab.model.gpt import GPT
 from scalelab.posttrain import common, lora
@@ -32,6 +33,23 @@ def sft_loss(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the tokens ``mask`` marks; everything else is target -1, which GPT ignores."""
     x, y = masked_targets(ids, mask)
     return model(x, y)
+
+
+def sft_on_batches(init: GPT, batch_fn, tcfg: TrainConfig, log_path: Path, desc: str) -> tuple[GPT, list[float]]:
+    """A copy of ``init`` trained for ``tcfg.steps`` steps on ``batch_fn(step) -> (ids, mask)``, the loss on the
+    tokens ``mask`` marks; logged to ``log_path``. (The copy in eval mode, its losses.) A study's SFT condition."""
+    model = copy.deepcopy(init).train()
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, tcfg.optim)
+
+    def step_fn(step):
+        ids, mask = batch_fn(step)
+        return sft_loss(model, ids.to(device), mask.to(device)), {}
+
+    logger = MetricsLogger(log_path)
+    losses, _ = common.run_steps(model.parameters(), optimizer, tcfg, step_fn, None, 1, logger, device, desc, False)
+    logger.close()
+    return model.eval(), losses
 
 
 def load_sft_records(cfg: Config, world) -> list[dict]:

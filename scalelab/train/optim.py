@@ -146,3 +146,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def clip_grad_norm(params, cfg: OptimConfig) -> torch.Tensor:
     """The global gradient norm, clipped to ``cfg.grad_clip`` (0: measured, never clipped)."""
     return torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, cfg: OptimConfig) -> torch.Tensor:
+    """One update from ``loss``: backward, clip to ``cfg.grad_clip`` (0: measured, never clipped), step, and
+    clear the gradients for the next one. Returns the gradient norm before clipping."""
+    loss.backward()
+    grad_norm = clip_grad_norm(params, cfg)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
