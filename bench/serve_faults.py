@@ -9,6 +9,7 @@ same time:
 - hostile clients loop on 200-token requests, half streaming and half not, and half of them
   leave mid-request (a stream closed after a few chunks, or a client timeout);
 - slow-header connections trickle a header byte at a time and never finish;
+- slow-body connections send their headers, then trickle the body a byte at a time;
 - one client uploads a 200 MB chunked body to /v1/memories.
 
 Reported: p50/p99 latency of the well-behaved requests, quiet and under abuse; the share of
@@ -44,6 +45,7 @@ HOSTILE_KEYS = [f"hostile-{i}" for i in range(4)]
 PROMPTS = ["Alice was born in", "The capital of", "Bob works as a", "Carol lives in"]
 MAX_BATCH = 8
 HEADER_TIMEOUT_S = 3
+BODY_TIMEOUT_S = 3
 UPLOAD_BYTES = 200 << 20
 
 
@@ -60,7 +62,8 @@ def pct(xs: list[float], q: float) -> float:
 
 def start_server(run: Path):
     keys = sum((["--api-key", k] for k in [*GOOD_KEYS, *HOSTILE_KEYS]), [])
-    proc, url = serve_load.start_server(run, MAX_BATCH, *keys, "--header-timeout", str(HEADER_TIMEOUT_S))
+    proc, url = serve_load.start_server(run, MAX_BATCH, *keys, "--header-timeout", str(HEADER_TIMEOUT_S),
+                                         "--body-timeout", str(BODY_TIMEOUT_S))
     return proc, url, int(url.rsplit(":", 1)[1])
 
 
@@ -192,6 +195,34 @@ async def slow_headers(port: int, count: int, stop_at: float) -> int:
     return sum(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def slow_bodies(port: int, count: int, stop_at: float) -> dict[str, int]:
+    """Connections that send whole headers, then a body byte every 0.5 s; how each ended (408, closed, open)."""
+    async def one() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (f"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {HOSTILE_KEYS[1]}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+        try:
+            writer.write(head)
+            while time.perf_counter() < stop_at:
+                writer.write(b"x")
+                await writer.drain()
+                try:
+                    answer = await asyncio.wait_for(reader.read(64), timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                return "408" if answer.startswith(b"HTTP/1.1 408") else "closed" if answer == b"" else "other"
+            return "open"
+        except (ConnectionError, OSError):
+            return "closed"
+        finally:
+            writer.close()
+
+    ends: dict[str, int] = {}
+    for end in await asyncio.gather(*(one() for _ in range(count))):
+        ends[end] = ends.get(end, 0) + 1
+    return ends
+
+
 async def chunked_upload(url: str) -> str:
     sent = 0
 
@@ -223,8 +254,9 @@ async def abuse(url: str, port: int, model: str, duration: float, queue_limit: i
                  for i in range(10 * queue_limit)]
         loops = [disconnect_loop(client, model, HOSTILE_KEYS[c % len(HOSTILE_KEYS)], stop_at, 200, tally, c)
                  for c in range(16)]
-        results = await asyncio.gather(slow_headers(port, 50, stop_at), chunked_upload(url), *burst, *loops)
-    return {"slow_closed": results[0], "upload": results[1]}
+        results = await asyncio.gather(slow_headers(port, 50, stop_at), slow_bodies(port, 20, stop_at),
+                                       chunked_upload(url), *burst, *loops)
+    return {"slow_closed": results[0], "slow_bodies": results[1], "upload": results[2]}
 
 
 def well_behaved(url: str, model: str, duration: float, reference: dict) -> tuple[list, Tally, dict]:
@@ -317,13 +349,14 @@ def main() -> None:
     incomplete = quiet_tally.incomplete + good_tally.incomplete + hostile.incomplete
     lines = [
         f"model: {'run ' + args.run if args.run else 'demo shape (depth 4, width 256, BPE 2048, context 256), 10 training steps'}; "
-        f"server `scalelab serve --max-batch {MAX_BATCH} --header-timeout {HEADER_TIMEOUT_S}` with 6 API keys, "
+        f"server `scalelab serve --max-batch {MAX_BATCH} --header-timeout {HEADER_TIMEOUT_S} --body-timeout "
+        f"{BODY_TIMEOUT_S}` with 6 API keys, "
         f"default limits (queue {queue_limit}, per caller {2 * MAX_BATCH}, queue timeout 60 s, body 1 MiB); "
         f"{args.duration:.0f} s quiet, then {args.duration:.0f} s of abuse ({abuse_wall:.1f} s until its last "
         "request ended)",
         f"abuse: a burst of {10 * queue_limit} requests (10x the queue limit, 32 tokens) from 4 hostile keys; 16 hostile "
         "clients looping on 200-token requests, half streaming, every other request left mid-way; 50 slow-header "
-        f"connections; one {UPLOAD_BYTES >> 20} MB chunked upload to /v1/memories",
+        f"connections; 20 slow-body connections; one {UPLOAD_BYTES >> 20} MB chunked upload to /v1/memories",
         f"well-behaved 16-token requests (2 users with a key each, one request at a time, greedy, streamed): quiet {len(quiet_lat)} requests, p50 "
         f"{pct(quiet_lat, 0.5):.3f} s, p99 {pct(quiet_lat, 0.99):.3f} s; under abuse {len(abuse_lat)} requests, "
         f"p50 {pct(abuse_lat, 0.5):.3f} s, p99 {pct(abuse_lat, 0.99):.3f} s; p99 ratio {p99_ratio:.2f}x "
@@ -342,7 +375,9 @@ def main() -> None:
         f"wrong: {len(incomplete)}" + (f" (e.g. {incomplete[:3]})" if incomplete else ""),
         f"server RSS: {rss_before:.0f} MB before, {max(peak):.0f} MB peak during, {rss_after:.0f} MB after "
         f"({rss_change:+.1%}; target within 10%: {'met' if abs(rss_change) <= 0.10 else 'NOT met'})",
-        f"slow-header connections closed by the server: {out['slow_closed']} of 50; chunked upload: {out['upload']}",
+        f"slow-header connections closed by the server: {out['slow_closed']} of 50; slow-body connections: "
+        f"{out['slow_bodies']} (408: answered and closed; open: still open when the abuse ended); "
+        f"chunked upload: {out['upload']}",
         "the CPU (2 cores) is shared with other engineers' jobs right now, and the clients run on the same cores "
         "as the server: latencies are noisy",
     ]
