@@ -45,7 +45,7 @@ HOSTILE_KEYS = [f"hostile-{i}" for i in range(4)]
 PROMPTS = ["Alice was born in", "The capital of", "Bob works as a", "Carol lives in"]
 MAX_BATCH = 8
 HEADER_TIMEOUT_S = 3
-BODY_TIMEOUT_S = 3
+BODY_TIMEOUT_S = 10  # above what a 1 MiB body needs on a loaded host, so only the trickled ones meet it
 UPLOAD_BYTES = 200 << 20
 
 
@@ -90,7 +90,7 @@ async def good_client(client, model: str, stop_at: float, max_requests: int, ref
         prompt = PROMPTS[(cid + i) % len(PROMPTS)]
         body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         first, texts, usage, done = None, [], None, False
         async with client.stream("POST", "/v1/completions", json=body, headers=_auth(GOOD_KEYS[cid])) as r:
             tally.saw(r.status_code)
@@ -106,7 +106,7 @@ async def good_client(client, model: str, stop_at: float, max_requests: int, ref
                         first = first or time.perf_counter() - t0
                         texts.append(chunk["choices"][0]["text"])
                     usage = chunk.get("usage") or usage
-        latencies.append((time.perf_counter() - t0, first))
+        latencies.append((time.perf_counter() - t0, first, started))
         text = reference.setdefault(prompt, "".join(texts))  # the quiet run fixes each prompt's answer
         if not done or "".join(texts) != text or not usage or usage["completion_tokens"] != 16:
             tally.incomplete.append(f"good: {prompt!r} gave {''.join(texts)!r}, quiet gave {text!r}")
@@ -149,15 +149,18 @@ async def hostile_request(client, model: str, key: str, max_tokens: int, stream:
             r = await client.post("/v1/completions", json=body, headers=_auth(key), timeout=timeout)
             tally.saw(r.status_code)
             if r.status_code == 200:
-                choice = r.json()["choices"][0]
-                if choice["finish_reason"] in ("length", "stop") and (
-                        choice["finish_reason"] == "stop" or r.json()["usage"]["completion_tokens"] == max_tokens):
+                choice, used = r.json()["choices"][0], r.json()["usage"]["completion_tokens"]
+                # a tool call's output is fed back whole, so a reply that ends on "length" may pass max_tokens
+                if choice["finish_reason"] == "stop" or (choice["finish_reason"] == "length" and used >= max_tokens):
                     tally.complete += 1
                 else:
-                    tally.incomplete.append(f"non-stream: {choice['finish_reason']}")
+                    tally.incomplete.append(f"non-stream: {choice['finish_reason']} after {used} of {max_tokens} "
+                                            "tokens")
     except httpx.TimeoutException:
         if not leave:
             tally.incomplete.append("a staying client timed out")
+    except httpx.TransportError as e:  # the server closed or reset a connection with a request on it
+        tally.incomplete.append(f"connection error: {type(e).__name__}")
 
 
 async def disconnect_loop(client, model: str, key: str, stop_at: float, max_requests: int, tally: Tally,
@@ -316,7 +319,7 @@ def main() -> None:
                 await watcher
                 return out
 
-            t0 = time.perf_counter()
+            t0, abuse_started = time.perf_counter(), time.time()
             during = users.submit(well_behaved, url, model, args.duration, reference)
             out = asyncio.run(abuse_with_rss())
             abuse_lat, good_tally, _ = during.result()
@@ -342,8 +345,9 @@ def main() -> None:
     hostile_total = sum(hostile.status.values())
     share_429 = hostile.status.get(429, 0) / max(1, hostile_total)
     reasons = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("scalelab_rejected_requests_total{")}
-    quiet_ttft, abuse_ttft = [f for _, f in quiet_lat], [f for _, f in abuse_lat]
-    quiet_lat, abuse_lat = [t for t, _ in quiet_lat], [t for t, _ in abuse_lat]
+    slowest = sorted(abuse_lat, reverse=True)[:4]
+    quiet_ttft, abuse_ttft = [f for _, f, _ in quiet_lat], [f for _, f, _ in abuse_lat]
+    quiet_lat, abuse_lat = [t for t, _, _ in quiet_lat], [t for t, _, _ in abuse_lat]
     p99_ratio = pct(abuse_lat, 0.99) / pct(quiet_lat, 0.99)
     rss_change = rss_after / rss_before - 1
     incomplete = quiet_tally.incomplete + good_tally.incomplete + hostile.incomplete
@@ -363,7 +367,9 @@ def main() -> None:
         f"(target < 3x: {'met' if p99_ratio < 3 else 'NOT met'}); well-behaved requests refused: "
         f"{sum(n for s, n in good_tally.status.items() if s != 200)}; their time to first token (the wait for a "
         f"slot, and the prefill): quiet p50 {pct(quiet_ttft, 0.5):.3f} s, p99 {pct(quiet_ttft, 0.99):.3f} s, "
-        f"under abuse p50 {pct(abuse_ttft, 0.5):.3f} s, p99 {pct(abuse_ttft, 0.99):.3f} s",
+        f"under abuse p50 {pct(abuse_ttft, 0.5):.3f} s, p99 {pct(abuse_ttft, 0.99):.3f} s; the slowest under abuse "
+        f"(latency / first token, started at +s into the abuse): "
+        + ", ".join(f"{t:.2f}/{f:.2f} s at +{at - abuse_started:.1f}" for t, f, at in slowest),
         f"hostile requests: {hostile_total} answered, {share_429:.0%} of them 429; rejections by reason (server "
         f"counters): {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}; client disconnects the server saw: "
         f"{int(m.get('scalelab_client_disconnects_total', 0))}; sequences parked to give a caller its share: "

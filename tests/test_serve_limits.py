@@ -397,6 +397,30 @@ def test_prompts_are_counted_and_measured_before_encoding_and_encoded_off_the_ev
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256 - 2
 
 
+def test_a_big_json_body_is_parsed_off_the_event_loop(monkeypatch):
+    from scalelab.serve import protocol
+
+    where = []
+    real = json.loads
+
+    def spy(raw, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            where.append(("loop", len(raw)))
+        except RuntimeError:
+            where.append(("thread", len(raw)))
+        return real(raw, *a, **kw)
+
+    monkeypatch.setattr(protocol.json, "loads", spy)
+    with _served(_engine(max_batch=2)) as (app, engine, url):
+        assert _completion(url, prompt="Hi").status_code == 200
+        r = _completion(url, prompt="x" * 200_000)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # (json.loads is patched process-wide: the client's own parsing of the answers shows up too, in this thread)
+    assert [w for w, n in where if n > 200_000] == ["thread"] and ("loop", len(b'{"model"')) not in where
+    assert any(w == "loop" for w, n in where)  # a small body is parsed where it is
+
+
 def test_top_logprobs_through_the_openai_client():
     with _served() as (app, engine, url):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)

@@ -34,6 +34,7 @@ from scalelab.run import Run
 from scalelab.runtime import resolve_device
 from scalelab.serve.guard import CALLER_SCOPE_KEY, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
 from scalelab.serve.limits import Admission, metrics_text, overloaded
+from scalelab.serve.mailbox import mailbox_for
 from scalelab.serve.memory import MemoryStore, build_memory_router, owner_of
 from scalelab.serve.protocol import (
     APIError, ParsedRequest, check_context, check_model, fit_text_before_encoding, parse_completion_prompts,
@@ -467,7 +468,7 @@ class _Run:
         self.call_end = self.tok.token_id(TOOL_CALL_END) if handler is not None else None
         n = params.n
         self.choices = [_Choice(i * n + j, i, j) for i in range(len(self.prompts)) for j in range(n)]
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = mailbox_for(asyncio.get_running_loop())
         self.events: asyncio.Queue = asyncio.Queue()
         self.live: list[EngineRequest] = []
         self.open = 0
@@ -482,10 +483,7 @@ class _Run:
             sub = _Sub(cis)
 
             def on_event(ev, sub=sub):
-                try:
-                    self.loop.call_soon_threadsafe(self.events.put_nowait, (sub, ev))
-                except RuntimeError:  # the event loop closed under us: the server is shutting down
-                    pass
+                self.mailbox.post(self.events, (sub, ev))
 
             subs.append(sub)
             specs.append((prompt, params, on_event, prompt_index))

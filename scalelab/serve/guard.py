@@ -29,10 +29,13 @@ connection is closed.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import ipaddress
 import re
+import struct
+import termios
 from urllib.parse import urlsplit
 
 import h11
@@ -244,8 +247,29 @@ class TimedH11Protocol(H11Protocol):
             self._timer = self.loop.call_later(seconds, self._deadline, phase)
 
     def _deadline(self, phase: str) -> None:
-        if self._current_phase() == phase and not self.transport.is_closing():
-            self.transport.close()
+        if self._current_phase() != phase or self.transport.is_closing():
+            return
+        if phase == "headers" and self._bytes_waiting():
+            # the next request is here but not read yet (a busy loop): closing now would fail it mid-flight
+            self._timer = self.loop.call_later(0.1, self._deadline, phase)
+            return
+        self.transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn's idle keep-alive close has the same race: a client reusing the connection just then
+        # would see its request fail
+        if self._bytes_waiting():
+            self.timeout_keep_alive_task = self.loop.call_later(0.1, self.timeout_keep_alive_handler)
+            return
+        super().timeout_keep_alive_handler()
+
+    def _bytes_waiting(self) -> int:
+        """Bytes the client has sent that the event loop has not read yet."""
+        try:
+            sock = self.transport.get_extra_info("socket")
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            return 0
 
 
 def timed_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
