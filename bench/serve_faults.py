@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -302,6 +303,7 @@ def main() -> None:
             # a warm-up, which also fixes each prompt's reference answer
             _, _, reference = users.submit(well_behaved, url, model, 3.0, {}).result()
             rss_before = rss_mb(proc.pid)
+            load_quiet = os.getloadavg()[0]
             quiet_lat, quiet_tally, _ = users.submit(well_behaved, url, model, args.duration, reference).result()
             hostile = Tally()
             peak = [rss_before]
@@ -324,6 +326,7 @@ def main() -> None:
             out = asyncio.run(abuse_with_rss())
             abuse_lat, good_tally, _ = during.result()
             abuse_wall = time.perf_counter() - t0
+            load_abuse = os.getloadavg()[0]
             deadline = time.time() + 60
             while time.time() < deadline:
                 h = httpx.get(url + "/health").json()
@@ -384,7 +387,8 @@ def main() -> None:
         f"slow-header connections closed by the server: {out['slow_closed']} of 50; slow-body connections: "
         f"{out['slow_bodies']} (408: answered and closed; open: still open when the abuse ended); "
         f"chunked upload: {out['upload']}",
-        "the CPU (2 cores) is shared with other engineers' jobs right now, and the clients run on the same cores "
+        f"host load average (1 min): {load_quiet:.1f} as the quiet run began, {load_abuse:.1f} as the abuse ended; "
+        "the CPU (2 cores) is shared with other engineers' jobs, and the clients run on the same cores "
         "as the server: latencies are noisy",
     ]
     print("\n".join(lines))
