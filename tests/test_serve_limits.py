@@ -209,6 +209,14 @@ def test_bodies_are_counted_for_every_route_and_refused_with_a_413_not_a_reset()
         assert r.status_code == 413
         assert _metric(url, 'scalelab_rejected_requests_total{reason="body_too_large"}') == 2
         assert httpx.get(url + "/v1/memories").json()["data"] == []
+        # a client that waits for '100 Continue' is refused before it sends the body, and the connection closes
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: 8388608\r\n\r\n")
+            head = _read_head(sock)
+            assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+            assert _closed_by_server(sock)
 
 
 def test_a_200_mb_chunked_upload_gets_its_413_and_the_server_does_not_keep_it():

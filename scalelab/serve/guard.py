@@ -58,10 +58,13 @@ WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 
 
 class BodyTooLarge(APIError):
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, close: bool = False):
         # no 'Connection: close': uvicorn then reads and drops the rest of the body (TimedH11Protocol bounds
-        # how long), and the client reads this answer once it has sent it all; a close would reset it
-        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large")
+        # how long), and the client reads this answer once it has sent it all; a close would reset it.
+        # ``close``: a client waiting for '100 Continue' sends no body after this answer, so none can be
+        # drained, and the connection cannot carry another request
+        super().__init__(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large",
+                         headers={"Connection": "close"} if close else None)
 
 
 class BodyTimeout(APIError):
@@ -168,7 +171,7 @@ class Guard:
         err = self._check(scope, headers)
         length = headers.get(b"content-length", b"")
         if err is None and length.isdigit() and int(length) > limit:
-            err = BodyTooLarge(limit)
+            err = BodyTooLarge(limit, close=headers.get(b"expect", b"").lower() == b"100-continue")
         if err is not None:
             self.on_reject(err.code)
             await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
