@@ -346,6 +346,31 @@ def test_a_sequence_parked_for_another_owner_resumes_exactly(temperature):
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
 
 
+def test_a_resumed_sequence_gets_its_cache_back_without_a_forward_pass():
+    """A resume copies the parked keys and values back: re-running the model over its prompt and tokens
+    (up to the whole context) on every resume stalled the whole batch."""
+    model = make_model()
+    eng = Engine(model, TOK, max_batch=2)
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    busy = [eng.submit(p, params, owner="busy") for p in PROMPTS[:2]]
+    for _ in range(6):
+        eng.step()
+    polite = eng.submit(PROMPTS[4], GenerationParams(max_new_tokens=2, temperature=0.0), owner="polite")
+    widths = []
+    original = model.forward
+    model.forward = lambda idx, *a, **kw: widths.append(idx.shape[1]) or original(idx, *a, **kw)
+    while not polite.done:
+        eng.step()  # the polite request's prefill parks one busy sequence
+    eng.step()  # the parked one resumes here
+    assert eng.preemptions == 1 and not eng._parked and eng.num_running == 2
+    assert widths.count(len(PROMPTS[4])) == 1 and all(w == 1 for w in widths if w != len(PROMPTS[4]))
+    model.forward = original
+    while not all(r.done for r in busy):
+        eng.step()
+    assert [r.wait()[0].tokens for r in busy] == [Engine(model, TOK, max_batch=1).generate([p], params)[0].tokens
+                                                 for p in PROMPTS[:2]]
+
+
 def test_one_owner_is_never_parked_and_a_parked_sequence_can_be_cancelled():
     eng = Engine(make_model(), TOK, max_batch=2)
     params = GenerationParams(max_new_tokens=8, temperature=0)

@@ -174,3 +174,16 @@ def test_serve_a_missing_run_folder_is_a_one_line_error(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "run folder not found" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--body-timeout", "--drain-timeout", "--header-timeout", "--max-body-bytes"])
+def test_serve_refuses_a_non_positive_limit_in_one_line(tmp_path, flag):
+    r = subprocess.run(scalelab_cmd("serve", str(tmp_path / "nope"), flag, "0"), env=subprocess_env(1),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and f"{flag} must be positive" in r.stderr
+
+
+def test_the_server_freezes_what_it_loaded_at_startup_out_of_the_collectors_walk(raw, served):
+    # a full collection over the model, torch and the web stack held the GIL for 0.5-0.9 s on a loaded host
+    frozen = next(line for line in raw.get("/metrics").text.splitlines() if line.startswith("scalelab_gc_frozen_objects"))
+    assert float(frozen.split()[-1]) > 50_000

@@ -25,7 +25,7 @@ from scalelab.infer.chat import render_chat
 from scalelab.infer.engine import Engine
 from scalelab.model.gpt import GPT, GPTConfig
 from scalelab.serve.app import create_app
-from scalelab.serve.guard import header_timeout_protocol
+from scalelab.serve.guard import timed_protocol
 from scalelab.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -183,38 +183,120 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_leaves():
         assert httpx.get(url + "/health").json()["running"] == 0
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _lazy_body(total: int, counter: list[int]):
+    yield b'{"text": "'
+    chunk = b"x" * 65536
+    while counter[0] < total:
+        counter[0] += len(chunk)
+        yield chunk
+    yield b'"}'
+
+
 def test_bodies_are_counted_for_every_route_and_refused_with_a_413_not_a_reset():
     with _served() as (app, engine, url):
-        def chunks(total: int):
-            yield b'{"text": "'
-            for _ in range(total // 65536):
-                yield b"x" * 65536
-
         # no Content-Length: the memories route used to read all of it
-        r = httpx.post(url + "/v1/memories", content=chunks(3 << 20), headers={"Content-Type": "application/json"})
+        r = httpx.post(url + "/v1/memories", content=_lazy_body(3 << 20, [0]),
+                       headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-        # a Content-Length over the limit: the body is drained, so the client reads its 413
+        # a Content-Length over the limit: answered at once, the rest dropped as it arrives, so the client reads it
         big = b'{"model": "tiny", "prompt": "' + b"x" * (7 << 20) + b'"}'
         r = httpx.post(url + "/v1/completions", content=big, headers={"Content-Type": "application/json"}, timeout=60)
         assert r.status_code == 413
         assert _metric(url, 'scalelab_rejected_requests_total{reason="body_too_large"}') == 2
-        # past the drain cap (8 MiB) the server answers and closes: it does not read on to the end
-        sent, total = 0, 64 << 20
-
-        def endless():
-            nonlocal sent
-            yield b'{"text": "'
-            while sent < total:
-                sent += 65536
-                yield b"x" * 65536
-
-        try:
-            status = httpx.post(url + "/v1/memories", content=endless(),
-                                headers={"Content-Type": "application/json"}, timeout=60).status_code
-        except httpx.TransportError:  # the client was still writing when the connection closed
-            status = None
-        assert status in (413, None) and sent < total
         assert httpx.get(url + "/v1/memories").json()["data"] == []
+        # a client that waits for '100 Continue' is refused before it sends the body, and the connection closes
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: 8388608\r\n\r\n")
+            head = _read_head(sock)
+            assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+            assert _closed_by_server(sock)
+
+
+def test_a_200_mb_chunked_upload_gets_its_413_and_the_server_does_not_keep_it():
+    """httpx sends the whole body before it reads the answer: the server must read (and drop) all of
+    it, without holding it, for the 413 to arrive."""
+    with _served(http=timed_protocol(drain_timeout=120), max_body_bytes=64 << 10) as (app, engine, url):
+        sent, samples, done = [0], [_rss_mb()], threading.Event()
+
+        def watch():
+            while not done.wait(0.02):
+                samples.append(_rss_mb())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with httpx.Client(base_url=url, timeout=120) as client:
+            r = client.post("/v1/memories", content=_lazy_body(200 << 20, sent),
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+            assert sent[0] >= 200 << 20  # the whole body went out: no reset cut it short
+            done.set()
+            watcher.join()
+            assert max(samples) - samples[0] < 50, (samples[0], max(samples))  # the old reader grew by ~340 MB
+            assert client.get("/health").status_code == 200  # the connection is still good for the next request
+        assert httpx.get(url + "/v1/memories").json()["data"] == []
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    """The response's status line and headers (b"" when the server closed without an answer)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(4096)
+        if not part:
+            break
+        data += part
+    return data
+
+
+def _closed_by_server(sock: socket.socket, trickle: bytes = b"", every: float = 0.05) -> bool:
+    """Keeps sending ``trickle`` (if any) until the server closes the connection; False after 20 s."""
+    sock.settimeout(every)
+    deadline = time.time() + 20  # a hang guard only: the server's deadlines in these tests are under a second
+    while time.time() < deadline:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            if sock.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset while we were writing: closed too
+            return True
+    return False
+
+
+def test_a_slow_body_gets_a_408_and_the_connection_closes():
+    with _served(body_timeout=0.5) as (app, engine, url):
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"text": "')  # 90 bytes never come
+            head = _read_head(sock)
+            assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+            assert _closed_by_server(sock)
+        # one trickling a byte at a time is timed out the same way: the deadline is for the whole body
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            assert _closed_by_server(sock, trickle=b"1\r\nx\r\n")
+        assert _metric(url, 'scalelab_rejected_requests_total{reason="body_timeout"}') == 2
+        assert httpx.get(url + "/v1/memories").json()["data"] == []
+
+
+def test_the_dropped_rest_of_a_refused_body_is_cut_off_at_the_drain_timeout():
+    with _served(http=timed_protocol(drain_timeout=0.5), max_body_bytes=1024) as (app, engine, url):
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + b"800\r\n" + b"x" * 2048 + b"\r\n")
+            assert _read_head(sock).startswith(b"HTTP/1.1 413")  # answered while the body is still coming
+            assert _closed_by_server(sock, trickle=b"10\r\n" + b"x" * 16 + b"\r\n")  # an endless trickle
 
 
 def test_malformed_requests_are_4xx_not_500():
@@ -323,6 +405,30 @@ def test_prompts_are_counted_and_measured_before_encoding_and_encoded_off_the_ev
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256 - 2
 
 
+def test_a_big_json_body_is_parsed_off_the_event_loop(monkeypatch):
+    from scalelab.serve import protocol
+
+    where = []
+    real = json.loads
+
+    def spy(raw, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            where.append(("loop", len(raw)))
+        except RuntimeError:
+            where.append(("thread", len(raw)))
+        return real(raw, *a, **kw)
+
+    monkeypatch.setattr(protocol.json, "loads", spy)
+    with _served(_engine(max_batch=2)) as (app, engine, url):
+        assert _completion(url, prompt="Hi").status_code == 200
+        r = _completion(url, prompt="x" * 200_000)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # (json.loads is patched process-wide: the client's own parsing of the answers shows up too, in this thread)
+    assert [w for w, n in where if n > 200_000] == ["thread"] and ("loop", len(b'{"model"')) not in where
+    assert any(w == "loop" for w, n in where)  # a small body is parsed where it is
+
+
 def test_top_logprobs_through_the_openai_client():
     with _served() as (app, engine, url):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -347,14 +453,23 @@ def test_a_non_ascii_api_key_is_refused_at_startup():
 
 
 def test_slow_header_connections_are_closed():
-    with _served(http=header_timeout_protocol(0.3)) as (app, engine, url):
+    with _served(http=timed_protocol(header_timeout=0.3), max_body_bytes=1024) as (app, engine, url):
         host, port = url.rsplit("/", 1)[1].split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the headers never end
             assert sock.recv(1024) == b""  # closed by the server, well before our 10 s
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # trickled a byte at a time
+            assert _closed_by_server(sock, trickle=b"a", every=0.1)
         with socket.create_connection((host, int(port)), timeout=10) as sock:  # a prompt client is unaffected
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            # after a refused body has been drained, the next request's headers are timed again
+            sock.sendall(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 4096\r\n\r\n" + b"x" * 4096)
+            assert _read_head(sock).startswith(b"HTTP/1.1 413")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            assert _closed_by_server(sock)
 
 
 def test_metrics_are_prometheus_text():

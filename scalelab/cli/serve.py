@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 
@@ -37,7 +38,12 @@ def register(sub, add_config_args) -> dict:
     p.add_argument("--queue-timeout", type=float, default=None,
                    help="seconds a request may wait for a slot before a 503 (default 60)")
     p.add_argument("--header-timeout", type=float, default=None,
-                   help="seconds a connection has to send its request headers (default 10)")
+                   help="seconds a connection has to send its request headers, else it is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a request body has to arrive in full after its headers, else 408 (default 30)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds the server reads and drops the rest of a body it refused with 413 before it "
+                        "closes the connection (default 30)")
     p.add_argument("--memory-budget", type=int, default=None,
                    help="tokens of memories a new chat starts with, newest first (default: a quarter of the context)")
     return {"serve": _cmd_serve}
@@ -48,14 +54,17 @@ def _cmd_serve(args) -> None:
 
     from scalelab.errors import ScalelabError
     from scalelab.serve.app import DEFAULT_MAX_TOOL_CALLS, DEFAULT_QUEUE_TIMEOUT_S, create_app
-    from scalelab.serve.guard import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, header_timeout_protocol
+    from scalelab.serve.guard import (
+        DEFAULT_BODY_TIMEOUT_S, DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, timed_protocol,
+    )
 
     if args.max_batch < 1 or args.threads < 1:
         raise ScalelabError("--max-batch and --threads must be at least 1")
     max_tool_calls = DEFAULT_MAX_TOOL_CALLS if args.max_tool_calls is None else args.max_tool_calls
     if max_tool_calls < 0:
         raise ScalelabError("--max-tool-calls must be at least 0")
-    for name in ("max_queue", "max_per_caller", "queue_timeout", "header_timeout", "memory_budget"):
+    for name in ("max_queue", "max_per_caller", "queue_timeout", "header_timeout", "body_timeout", "drain_timeout",
+                 "memory_budget", "max_body_bytes"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ScalelabError(f"--{name.replace('_', '-')} must be positive")
@@ -70,11 +79,17 @@ def _cmd_serve(args) -> None:
                      tools=not args.no_tools, max_tool_calls=max_tool_calls, compile=args.compile, host=args.host,
                      allowed_hosts=args.allowed_host, cors_origins=args.cors_origin, max_queue=args.max_queue,
                      max_per_caller=args.max_per_caller, queue_timeout=args.queue_timeout or DEFAULT_QUEUE_TIMEOUT_S,
-                     memory_budget=args.memory_budget)
+                     memory_budget=args.memory_budget, body_timeout=args.body_timeout or DEFAULT_BODY_TIMEOUT_S)
     engine = app.state.engine
     print(f"serving {args.run_dir} (context {engine.context}, max batch {engine.max_batch}, "
           f"queue {engine.max_waiting}, tools {'on' if app.state.tools else 'off'}) "
           f"at http://{args.host}:{args.port}/ {f'with {len(keys)} API key(s)' if keys else 'without an API key'}",
           flush=True)
-    protocol = header_timeout_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S)
+    # What is loaded by now (torch, the model, the web stack: ~350k objects) lives as long as the server.
+    # Frozen, a full garbage collection no longer walks it: one took 0.5-0.9 s on a shared 2-core host,
+    # with the GIL held, stalling every stream and the engine at once (the tail of bench/serve_faults.py).
+    gc.collect()
+    gc.freeze()
+    protocol = timed_protocol(args.header_timeout or DEFAULT_HEADER_TIMEOUT_S,
+                              args.drain_timeout or DEFAULT_DRAIN_TIMEOUT_S)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=protocol)

@@ -102,6 +102,20 @@ class SlotKVCache:
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    def save_slot(self, slot: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """A copy (in host memory) of the keys and values ``slot`` holds, for :meth:`restore_slot`."""
+        n = self.lengths[slot]
+        return (n, [kc[slot, :, :n].to("cpu", copy=True) for kc in self.k],
+                [vc[slot, :, :n].to("cpu", copy=True) for vc in self.v])
+
+    def restore_slot(self, slot: int, saved: tuple[int, list[torch.Tensor], list[torch.Tensor]]) -> None:
+        """Put keys and values from :meth:`save_slot` into ``slot`` (any slot): its cache as it was."""
+        n, ks, vs = saved
+        for kc, vc, k, v in zip(self.k, self.v, ks, vs):
+            kc[slot, :, :n] = k.to(kc.device)
+            vc[slot, :, :n] = v.to(vc.device)
+        self.lengths[slot] = n
+
     def advance_slots(self, slots: list[int]) -> None:
         """Count one more token in each slot: a :class:`StaticDecode` step does not touch the lengths."""
         for s in slots:

@@ -17,10 +17,13 @@ Design
   in front of everybody else's requests. Within one owner, first come, first served.
 - With no slot free, a request whose owner runs fewer sequences than another
   owner by more than it needs takes a slot from that owner: the other owner's
-  least advanced sequence is parked (its slot freed; its tokens, sampler state
-  and streamed text kept) and later resumed by prefilling its prompt and
-  tokens again, so it goes on as if never stopped. Without owners (one user)
-  nothing is ever parked.
+  least advanced sequence is parked (its slot freed; its tokens, sampler state,
+  streamed text and a copy of its keys and values kept) and later resumed by
+  copying its keys and values into a free slot, so it goes on as if never
+  stopped. (Rebuilding them with a prefill instead cost a forward pass over up
+  to the whole context for every resume, and a light caller's every request
+  caused one: the batch stalled for it.) Without owners (one user) nothing is
+  ever parked.
 - A prompt with ``n`` samples is prefilled once; its cache row is copied to the
   other samples' slots.
 - Each sample draws from its own ``torch.Generator`` seeded from the request's
@@ -87,6 +90,7 @@ class _Seq:
     # after it, so a step costs the same at token 1000 as at token 10 (a full decode each step is O(n))
     decoded_text: str = ""
     decoded: int = 0
+    saved_cache: tuple | None = None  # while parked: its slot's keys and values (SlotKVCache.save_slot)
 
 
 # freezing: weights become constants, so linear layers use prepacked weights. cpp_wrapper: the graph's
@@ -385,6 +389,7 @@ class Engine:
             return False
         victim = min(candidates, key=lambda s: len(s.tokens))  # the least work to redo
         self._running.remove(victim)
+        victim.saved_cache = self.cache.save_slot(victim.slot)
         self.cache.release(victim.slot)
         heapq.heappush(self._free, victim.slot)
         victim.slot = -1
@@ -394,14 +399,11 @@ class Engine:
         return True
 
     def _resume(self, seqs: list[_Seq]) -> None:
-        """Rebuild parked sequences' caches: their prompt and tokens but the last, which is still pending."""
-        rows = [s.req.prompt + s.tokens[:-1] for s in seqs]
-        lengths = [len(r) for r in rows]
-        idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, : len(r)] = torch.tensor(r)
-        self.cache.begin_prefill([s.slot for s in seqs], lengths)
-        self.model(idx.to(self.device), cache=self.cache)
+        """Give parked sequences their caches back in their new slots: their prompt and tokens but the
+        last, which is still pending."""
+        for s in seqs:
+            self.cache.restore_slot(s.slot, s.saved_cache)
+            s.saved_cache = None
 
     def _finish_empty(self, req: Request) -> None:
         for i in range(req.params.n):
@@ -560,6 +562,7 @@ class Engine:
     def _release(self, seq: _Seq) -> None:
         if seq.slot < 0:  # parked: it holds no slot
             self._parked.remove(seq)
+            seq.saved_cache = None
         else:
             self._running.remove(seq)
             self.cache.release(seq.slot)

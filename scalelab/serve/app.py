@@ -32,8 +32,9 @@ from scalelab.infer.engine import Request as EngineRequest
 from scalelab.infer.tools import TOOL_CALL_END, ToolCall, call_tool, tool_call_request, tool_output_tokens
 from scalelab.run import Run
 from scalelab.runtime import resolve_device
-from scalelab.serve.guard import CALLER_SCOPE_KEY, DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
+from scalelab.serve.guard import CALLER_SCOPE_KEY, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Guard, check_api_keys
 from scalelab.serve.limits import Admission, metrics_text, overloaded
+from scalelab.serve.mailbox import mailbox_for
 from scalelab.serve.memory import MemoryStore, build_memory_router, owner_of
 from scalelab.serve.protocol import (
     APIError, ParsedRequest, check_context, check_model, fit_text_before_encoding, parse_completion_prompts,
@@ -79,6 +80,7 @@ def create_app(
     max_per_caller: int | None = None,
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT_S,
     memory_budget: int | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The server app. A run folder is loaded here; its memories live in RUN_DIR/memory.sqlite unless
     ``memory`` names another store or file (an Engine without one gets an in-memory store).
@@ -93,7 +95,9 @@ def create_app(
     from ``cors_origins`` may call the API. ``max_queue`` engine requests may wait (an Engine
     passed in keeps its own ``max_waiting``), each for ``queue_timeout`` seconds; one caller may
     have ``max_per_caller`` requests in flight (defaults: :func:`default_limits`). A new chat's
-    memory block gets ``memory_budget`` tokens (default: a quarter of the context)."""
+    memory block gets ``memory_budget`` tokens (default: a quarter of the context). A request body
+    must arrive within ``body_timeout`` seconds of its headers (else 408); one over ``max_body_bytes``
+    gets a 413 (the connection-level deadlines are :func:`~scalelab.serve.guard.timed_protocol`'s)."""
     limits = default_limits(max_batch if not isinstance(engine_or_run_dir, Engine) else engine_or_run_dir.max_batch)
     if isinstance(engine_or_run_dir, Engine):
         engine = engine_or_run_dir
@@ -133,7 +137,7 @@ def create_app(
     app = FastAPI(title="scalelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.memory, app.state.tools, app.state.admission = engine, store, tools, admission
     app.add_middleware(Guard, api_keys=keys, max_body_bytes=max_body_bytes, bind=host, allowed_hosts=allowed_hosts,
-                       cors_origins=cors_origins, on_reject=admission.reject)
+                       cors_origins=cors_origins, on_reject=admission.reject, body_timeout=body_timeout)
     if cors_origins:  # outside the guard: it answers the browser's preflight requests itself
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PATCH",
                            "DELETE"], allow_headers=["Authorization", "Content-Type", "X-Scalelab-User"])
@@ -464,7 +468,7 @@ class _Run:
         self.call_end = self.tok.token_id(TOOL_CALL_END) if handler is not None else None
         n = params.n
         self.choices = [_Choice(i * n + j, i, j) for i in range(len(self.prompts)) for j in range(n)]
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = mailbox_for(asyncio.get_running_loop())
         self.events: asyncio.Queue = asyncio.Queue()
         self.live: list[EngineRequest] = []
         self.open = 0
@@ -479,10 +483,7 @@ class _Run:
             sub = _Sub(cis)
 
             def on_event(ev, sub=sub):
-                try:
-                    self.loop.call_soon_threadsafe(self.events.put_nowait, (sub, ev))
-                except RuntimeError:  # the event loop closed under us: the server is shutting down
-                    pass
+                self.mailbox.post(self.events, (sub, ev))
 
             subs.append(sub)
             specs.append((prompt, params, on_event, prompt_index))

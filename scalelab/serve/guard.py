@@ -13,20 +13,29 @@
 - A request with a body under ``/v1/`` must say it is JSON: an HTML form or a ``text/plain``
   ``fetch`` (the kinds a browser sends cross-site without asking) is refused.
 - The body is counted as it arrives, for every route, whether or not it gave a
-  ``Content-Length``. Past ``max_body_bytes`` the rest is read and dropped, up to
-  ``DRAIN_FACTOR`` times the limit, before the 413: a client still sending gets its answer,
-  not a connection reset.
+  ``Content-Length``. Past ``max_body_bytes`` the answer is a 413 at once, and the connection
+  stays open: uvicorn reads and drops the rest of the body (it never stores it), so a client that
+  sends its whole body before it reads (httpx, requests) still gets its 413, not a reset.
+- The body must arrive in full within ``body_timeout`` seconds of the headers, else a 408 and
+  the connection closes (a client trickling its body a byte at a time holds nothing for long).
 
-:class:`HeaderTimeoutH11Protocol` closes connections that do not finish their request headers
-in time (uvicorn's own timeout only covers idle keep-alive connections).
+:class:`TimedH11Protocol` sets the deadlines the ASGI app cannot see: a connection must send its
+request headers within ``header_timeout`` seconds (uvicorn's own keep-alive timeout is cancelled
+by every byte that arrives, so a slow-header client never meets it), and the dropped rest of a
+refused body must end within ``drain_timeout`` seconds of the answer; past either deadline the
+connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import hmac
 import ipaddress
 import re
+import struct
+import termios
 from urllib.parse import urlsplit
 
 import h11
@@ -35,13 +44,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from scalelab.errors import ScalelabError
 from scalelab.serve.memory import LOCAL_USER, OWNER_SCOPE_KEY
-
-CALLER_SCOPE_KEY = "scalelab.caller"  # who the per-caller limits and fair scheduling count
 from scalelab.serve.protocol import APIError
 
+CALLER_SCOPE_KEY = "scalelab.caller"  # who the per-caller limits and fair scheduling count
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-DRAIN_FACTOR = 8
 DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 USER_HEADER = b"x-scalelab-user"
 _USER_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -49,11 +58,20 @@ WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 
 
 class BodyTooLarge(APIError):
-    def __init__(self, limit: int, unread: bool = False):
-        # a body still coming in past the drain cap: the connection closes after the answer, or the server
-        # would go on reading (and dropping) whatever the client sends
+    def __init__(self, limit: int, close: bool = False):
+        # no 'Connection: close': uvicorn then reads and drops the rest of the body (TimedH11Protocol bounds
+        # how long), and the client reads this answer once it has sent it all; a close would reset it.
+        # ``close``: a client waiting for '100 Continue' sends no body after this answer, so none can be
+        # drained, and the connection cannot carry another request
         super().__init__(413, f"request body is larger than the server's limit of {limit} bytes", code="body_too_large",
-                         headers={"Connection": "close"} if unread else None)
+                         headers={"Connection": "close"} if close else None)
+
+
+class BodyTimeout(APIError):
+    def __init__(self, seconds: float):
+        # the rest of a trickled body is not worth reading: the connection closes after the answer
+        super().__init__(408, f"the request body did not arrive in full within {seconds:g} s", code="body_timeout",
+                         headers={"Connection": "close"})
 
 
 def check_api_keys(keys: list[str]) -> list[str]:
@@ -100,21 +118,11 @@ def trusted_hosts(bind: str, extra: list[str] | None = None) -> tuple[set[str], 
     return names, False
 
 
-async def drain(receive, more: bool, seen: int, cap: int) -> bool:
-    """Read and drop what is left of a body, up to ``cap`` bytes in all; whether some is left unread."""
-    while more and seen <= cap:
-        msg = await receive()
-        if msg["type"] != "http.request":
-            return False
-        seen += len(msg.get("body", b""))
-        more = msg.get("more_body", False)
-    return more
-
-
 class Guard:
     def __init__(self, app, api_keys: list[str], max_body_bytes: int, bind: str = "127.0.0.1",
-                 allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None, on_reject=None):
-        self.app, self.max_body_bytes = app, max_body_bytes
+                 allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None, on_reject=None,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
+        self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
         self.keys = [(f"Bearer {k}".encode(), key_owner(k)) for k in check_api_keys(list(api_keys))]
         self.hosts, self.any_ip = trusted_hosts(bind, allowed_hosts)
         self.cors_origins = {o.rstrip("/").lower() for o in (cors_origins or [])}
@@ -159,63 +167,115 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        limit, cap = self.max_body_bytes, self.max_body_bytes * DRAIN_FACTOR
+        limit = self.max_body_bytes
         err = self._check(scope, headers)
         length = headers.get(b"content-length", b"")
         if err is None and length.isdigit() and int(length) > limit:
-            unread = int(length) > cap or await drain(receive, True, 0, cap)
-            err = BodyTooLarge(limit, unread)
+            err = BodyTooLarge(limit, close=headers.get(b"expect", b"").lower() == b"100-continue")
         if err is not None:
             self.on_reject(err.code)
             await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
             return
-        seen = 0
+        seen, body_done = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def counted_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    unread = await drain(receive, msg.get("more_body", False), seen, cap)
-                    self.on_reject("body_too_large")
-                    raise BodyTooLarge(limit, unread)
+            nonlocal seen, body_done
+            if body_done:  # after the body the app only listens for a disconnect, which may take any time
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                self.on_reject("body_timeout")
+                raise BodyTimeout(self.body_timeout) from None
+            if msg["type"] != "http.request":
+                body_done = True
+                return msg
+            seen += len(msg.get("body", b""))
+            body_done = not msg.get("more_body", False)
+            if seen > limit:
+                self.on_reject("body_too_large")
+                raise BodyTooLarge(limit)
             return msg
 
         await self.app(scope, counted_receive, send)
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
-    ``header_timeout`` seconds after it opened or after its last response (slow-header clients)."""
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with two deadlines, each closing the connection when it passes:
+    ``header_timeout`` seconds for a request's headers (from the connection's start, or from the
+    end of its last exchange), and ``drain_timeout`` seconds for the rest of a body the server has
+    answered already (a 413) and reads only to drop it."""
 
     header_timeout = DEFAULT_HEADER_TIMEOUT_S
+    drain_timeout = DEFAULT_DRAIN_TIMEOUT_S
+    _phase: str | None = None
+    _timer = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._follow_phase()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._follow_phase()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._arm_header_timer()
+        self._follow_phase()
 
     def connection_lost(self, exc) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         super().connection_lost(exc)
 
-    def _arm_header_timer(self) -> None:
-        old = getattr(self, "_header_timer", None)
-        if old is not None:
-            old.cancel()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+    def _current_phase(self) -> str | None:
+        if self.conn.their_state is h11.IDLE:
+            return "headers"  # the next request's headers have not all arrived (or nothing has)
+        if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+            return "drain"  # answered before its body ended: uvicorn drops what still arrives
+        return None  # a request being answered: the app's own limits apply
 
-    def _header_deadline(self) -> None:
-        # IDLE on their side: the next request's headers have not all arrived (or nothing has)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()
+    def _follow_phase(self) -> None:
+        phase = None if self.transport.is_closing() else self._current_phase()
+        if phase == self._phase:
+            return  # a deadline runs from the start of its phase, not from the last byte
+        self._phase = phase
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if phase is not None:
+            seconds = self.header_timeout if phase == "headers" else self.drain_timeout
+            self._timer = self.loop.call_later(seconds, self._deadline, phase)
+
+    def _deadline(self, phase: str) -> None:
+        if self._current_phase() != phase or self.transport.is_closing():
+            return
+        if phase == "headers" and self._bytes_waiting():
+            # the next request is here but not read yet (a busy loop): closing now would fail it mid-flight
+            self._timer = self.loop.call_later(0.1, self._deadline, phase)
+            return
+        self.transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn's idle keep-alive close has the same race: a client reusing the connection just then
+        # would see its request fail
+        if self._bytes_waiting():
+            self.timeout_keep_alive_task = self.loop.call_later(0.1, self.timeout_keep_alive_handler)
+            return
+        super().timeout_keep_alive_handler()
+
+    def _bytes_waiting(self) -> int:
+        """Bytes the client has sent that the event loop has not read yet."""
+        try:
+            sock = self.transport.get_extra_info("socket")
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            return 0
 
 
-def header_timeout_protocol(seconds: float) -> type:
-    return type("HeaderTimeoutH11", (HeaderTimeoutH11Protocol,), {"header_timeout": seconds})
+def timed_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+                   drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> type:
+    """The protocol class to pass as uvicorn's ``http``, with these deadlines."""
+    return type("TimedH11", (TimedH11Protocol,), {"header_timeout": header_timeout, "drain_timeout": drain_timeout})

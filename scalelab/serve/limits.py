@@ -8,6 +8,7 @@ the queue past ``queue_timeout`` gets a 503. The counters are exported in Promet
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 from scalelab.serve.protocol import APIError
@@ -94,4 +95,6 @@ def metrics_text(engine, admission: Admission) -> str:
            [("", admission.disconnects)])
     metric("memories_dropped_total", "counter", "Memories left out of a chat for want of room in its budget.",
            [("", admission.memories_dropped)])
+    metric("gc_frozen_objects", "gauge", "Objects from startup that garbage collections no longer walk.",
+           [("", gc.get_freeze_count())])
     return "\n".join(lines) + "\n"
