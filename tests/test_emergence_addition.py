@@ -1,11 +1,9 @@
 import json
 import math
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from scalelab.cli.main import main
 from scalelab.config import load_config_with_section
 from scalelab.data.generators import generate
 from scalelab.errors import ScalelabError
@@ -86,7 +84,7 @@ def test_analysis_follows_the_data():
     assert "| exact_match |" in md and "(digit acc)^4" in md
 
 
-def test_bad_config_is_refused(tmp_path):
+def test_bad_config_is_refused(capsys):
     cfg, a = load_config_with_section(None, ["tokenizer.kind=char"], ea.SECTION, ea.AdditionEmergenceConfig)
     with pytest.raises(ScalelabError, match="equally long"):
         ea.validate(ea.AdditionEmergenceConfig(depths=[1], steps=[1, 2]), cfg)
@@ -95,10 +93,10 @@ def test_bad_config_is_refused(tmp_path):
     cfg_bpe, _ = load_config_with_section(None, [], ea.SECTION, ea.AdditionEmergenceConfig)
     with pytest.raises(ScalelabError, match="tokenizer.kind = 'char'"):
         ea.validate(a, cfg_bpe)
-    out = subprocess.run([sys.executable, "-m", "scalelab", "experiments", "emergence-addition",
-                          "--set", "tokenizer.kind=char", "--set", "emergence_addition.depths=[1, 2]"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "equally long" in out.stderr and out.stderr.count("\n") == 1
+    assert main(["experiments", "emergence-addition", "--set", "tokenizer.kind=char",
+                 "--set", "emergence_addition.depths=[1, 2]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scalelab: error:") and "equally long" in err and err.count("\n") == 1
 
 
 TINY = ["tokenizer.kind=char", "model.block_size=32", "model.aspect_ratio=16", "model.head_dim=16",
