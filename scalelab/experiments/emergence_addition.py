@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from scalelab.data.generators import generate as generate_examples
 from scalelab.errors import ScalelabError
@@ -344,6 +345,10 @@ def plot(result: dict, path: Path) -> Path:
     c = [p["C"] for p in pts]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
     for ax, m in zip(axes[0], METRICS):
+        for i, seed in enumerate(sorted({r["seed"] for r in result["rows"]})):
+            rs = sorted((r for r in result["rows"] if r["seed"] == seed), key=lambda r: r["C"])
+            ax.plot([r["C"] for r in rs], [r[m] for r in rs], "-", color="tab:blue", alpha=0.25, linewidth=1,
+                    label="each seed" if i == 0 else None)
         ax.errorbar(c, [p[m]["mean"] for p in pts], yerr=[p[m]["std"] for p in pts], fmt="o-", capsize=3,
                     label="mean ± std over seeds")
         if m == "exact_match":
@@ -353,6 +358,7 @@ def plot(result: dict, path: Path) -> Path:
         if s and s["window"]:
             ax.axvspan(*s["window"], color="orange", alpha=0.15, label=f"steepest 2x: {s['sharpness']:.2f} of rise")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a 32x axis
         ax.set(xlabel="training compute C (FLOPs)", title=LABELS[m])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
