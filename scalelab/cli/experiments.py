@@ -23,6 +23,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
                    "embeddings: zero-shot cosine vs linear probe; task heads; full / last-k / frozen / LoRA fine-tuning"),
     "emergence": ("scalelab.experiments.emergence",
                   "exact match next to continuous metrics over a scaling sweep's runs (scaling.out_dir)"),
+    "emergence-addition": ("scalelab.experiments.emergence_addition",
+                           "a family trained from scratch on reversed addition: exact match vs continuous metrics"),
     "families": ("scalelab.experiments.families",
                  "decoder-only vs encoder-only (masked LM) vs prefix-LM at equal training FLOPs"),
 }

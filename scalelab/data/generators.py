@@ -66,6 +66,23 @@ def addition(n: int, rng: random.Random, *, digits: int = 3) -> list[Example]:
     return _fixed_digits("addition", "+", n, rng, digits)
 
 
+@register("addition_reversed")
+def addition_reversed(n: int, rng: random.Random, *, digits: int = 3) -> list[Example]:
+    """Addition in the compact format small models learn fast: prompt "512+907=", answer "9141".
+
+    The answer is the sum written least significant digit first and zero-padded to ``digits + 1``
+    digits (1419 -> "9141", 579 -> "9750"), so each answer digit follows the operand digits it
+    depends on, and every answer has the same length. Operands as in "addition".
+    meta: {"a", "b", "op", "digits", "value"}.
+    """
+    out = []
+    for e in _fixed_digits("addition_reversed", "+", n, rng, digits):
+        a, b = e.meta["a"], e.meta["b"]
+        out.append(Example("addition_reversed", f"{a}+{b}=", str(a + b).zfill(digits + 1)[::-1],
+                           {**e.meta, "value": a + b}))
+    return out
+
+
 @register("multiplication")
 def multiplication(n: int, rng: random.Random, *, digits: int = 2) -> list[Example]:
     """Multiplication of two numbers of exactly ``digits`` digits. Schema as "arithmetic", op "*"."""
