@@ -11,7 +11,7 @@ from scalelab.cli import main
 from scalelab.errors import ScalelabError
 from scalelab.experiments import overoptimization as overopt
 from scalelab.experiments.overoptimization import (
-    RewardOveroptConfig, best_of_n, blocks, check, gold_f1, kl_best_of_n, peak_then_fall,
+    RewardOveroptConfig, best_of_n, check, gold_f1, kl_best_of_n, peak_then_fall,
 )
 
 
@@ -56,16 +56,9 @@ def test_headline_rule_needs_a_rise_a_clear_fall_and_a_rising_proxy():
         peak_then_fall([[0.1, 0.2]], [[0.1]])
 
 
-def test_blocks_average_consecutive_iterations():
-    hist = [{"iteration": i + 1, "gold": i, "proxy": 2 * i, "length": 1.0, "kl": 0.5} for i in range(5)]
-    out = blocks(hist, 2)
-    assert [b["iteration"] for b in out] == [2, 4]
-    assert [b["gold"] for b in out] == [0.5, 2.5] and out[1]["proxy"] == 5.0
-
-
 def test_bad_settings_are_refused():
     for bad, match in ((dict(seeds=[]), "seeds"), (dict(seeds=[1, 1]), "seeds"), (dict(kl_coefs=[-1.0]), "kl_coefs"),
-                       (dict(bon_samples=48), "bon_samples"), (dict(block=0), "block"),
+                       (dict(bon_samples=48), "bon_samples"), (dict(eval_every=0), "eval_every"),
                        (dict(length_bias=-0.1), "length_bias")):
         with pytest.raises(ScalelabError, match=match):
             check(RewardOveroptConfig(**bad))
@@ -83,7 +76,7 @@ def test_tiny_reward_overopt_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ro"
     cfg = tmp_path / "ro.toml"
     cfg.write_text(f'[run]\nprogress = false\n[reward_overopt]\nout_dir = "{out}"\nbase = "{base}"\n'
-                   "seeds = [0, 1]\nbon_prompts = 2\nbon_samples = 4\nkl_coefs = [0.0, 0.5]\nblock = 1\n"
+                   "seeds = [0, 1]\nbon_prompts = 2\nbon_samples = 4\nkl_coefs = [0.0, 0.5]\neval_every = 1\neval_samples = 2\n"
                    "[sft]\nn_examples = 40\nsteps = 2\nbatch_size = 4\neval_every = 2\n"
                    "[rm]\nn_pairs = 10\nsteps = 2\nbatch_size = 4\neval_every = 2\nval_fraction = 0.2\n"
                    "[ppo]\niterations = 2\nrollout_batch = 2\nminibatch_size = 2\nmax_new_tokens = 6\n"
@@ -93,10 +86,12 @@ def test_tiny_reward_overopt_end_to_end(tmp_path, capsys, monkeypatch):
     assert [s["seed"] for s in result["seeds"]] == [0, 1]
     for s in result["seeds"]:
         assert set(s["rl"]) == {"gold_labels/kl0", "gold_labels/kl0.5", "length_biased/kl0"}
-        for hist in s["rl"].values():
-            assert [h["iteration"] for h in hist] == [1, 2]
-            assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout's policy is the reference
-            assert all(h["length"] <= 7 for h in hist)  # 6 new tokens and the end marker
+        for run in s["rl"].values():
+            assert [h["iteration"] for h in run["train"]] == [1, 2]
+            assert run["train"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout's policy is the reference
+            assert [e["iteration"] for e in run["eval"]] == [0, 1, 2]
+            assert run["eval"][0]["kl"] == pytest.approx(0.0, abs=1e-4)  # evaluated before any update
+            assert all(h["length"] <= 7 for h in run["train"] + run["eval"])  # 6 new tokens and the end marker
         for name, rows in s["bon"].items():
             assert [r["n"] for r in rows] == [1, 2, 4]
             assert rows[0]["proxy"] == pytest.approx(0.0, abs=1e-6)  # n = 1: the SFT samples, the proxy's zero

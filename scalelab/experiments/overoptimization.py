@@ -13,7 +13,9 @@ first rise and then fall while the proxy keeps rising?
 - **Best-of-n**: ``bon_samples`` SFT samples per held-out prompt; for n = 1, 2, 4, ... the expected gold and proxy
   of the proxy's favourite of n (the unbiased estimator over all n-subsets), at ``KL_bon = log n - (n-1)/n``.
 - **RL**: PPO (the config's own ``[ppo]``) against the proxy at each ``kl_coefs`` value, and against the
-  length-biased proxy, logging gold, proxy, reply length and the KL to the initial policy every iteration.
+  length-biased proxy. Every ``eval_every`` iterations (and before the first) the policy samples ``eval_samples``
+  replies to each best-of-n prompt, always with the same seed, scored for gold, proxy, reply length and the KL to
+  the initial policy; the training rollouts' own statistics are kept too.
 
 Every seed trains its own two proxies on its own sampled pairs and runs its own best-of-n draws and RL; the
 pretrained base and the SFT policy are shared. The headline rule (``peak_then_fall``) is fixed in code and in
@@ -43,9 +45,9 @@ from scalelab.infer.engine import Engine
 from scalelab.infer.request import GenerationParams
 from scalelab.posttrain.chat import prompt_ids
 from scalelab.posttrain.common import write_json
-from scalelab.posttrain.data import split_holdout, write_jsonl
+from scalelab.posttrain.data import pad_rows, split_holdout, write_jsonl
 from scalelab.posttrain.mixture import SHORT_ANSWER_FAMILIES, instruction_mixture
-from scalelab.posttrain.ppo import PPOTrainer, RewardModelScorer
+from scalelab.posttrain.ppo import PPOTrainer, RewardModelScorer, logprobs_and_entropy
 from scalelab.posttrain.reward_model import ScalarHeadModel, load_reward_model, run_rm
 from scalelab.posttrain.sft import run_sft
 from scalelab.run import Run
@@ -66,7 +68,8 @@ class RewardOveroptConfig:
     bon_samples: int = 64  # SFT samples per prompt; n runs over the powers of 2 up to this
     kl_coefs: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.5])  # PPO against the gold-label proxy
     length_kl_coef: float = 0.0  # PPO against the length-biased proxy
-    block: int = 5  # PPO iterations averaged into one logged point
+    eval_every: int = 5  # PPO iterations between evaluations on the best-of-n prompts
+    eval_samples: int = 4  # samples per best-of-n prompt at each evaluation (the same seed every time)
     # The stages are the config's own [sft], [rm] and [ppo]; the study sets only its design: the prompt families,
     # the RM's data (rm.n_pairs gold-labelled pairs of SFT samples) and [ppo].kl_coef per condition.
 
@@ -78,8 +81,8 @@ def check(rc: RewardOveroptConfig) -> None:
         raise ScalelabError("reward_overopt.kl_coefs must be a non-empty list of values >= 0 (and length_kl_coef >= 0)")
     if rc.bon_samples < 2 or rc.bon_samples & (rc.bon_samples - 1):
         raise ScalelabError(f"reward_overopt.bon_samples must be a power of 2 >= 2, got {rc.bon_samples}")
-    if rc.bon_prompts < 1 or rc.block < 1:
-        raise ScalelabError("reward_overopt.bon_prompts and reward_overopt.block must be positive")
+    if min(rc.bon_prompts, rc.eval_every, rc.eval_samples) < 1:
+        raise ScalelabError("reward_overopt.bon_prompts, eval_every and eval_samples must be positive")
     if rc.length_bias < 0:
         raise ScalelabError("reward_overopt.length_bias must be >= 0")
 
@@ -124,7 +127,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def peak_then_fall(gold: list[list[float]], proxy: list[list[float]]) -> dict:
     """The headline rule, fixed before the runs it judges. ``gold[s][k]`` and ``proxy[s][k]``: seed s at point k
-    (best-of-n: n = 1, 2, 4, ...; RL: consecutive blocks of iterations), in order of growing optimisation.
+    (best-of-n: n = 1, 2, 4, ...; RL: the evaluations every eval_every iterations, the first before training), in order of growing optimisation.
 
     With m and sd the mean and standard deviation over seeds at each point, and p the point of the highest mean gold:
     "gold peaks, then falls" holds when all three hold:
@@ -216,33 +219,57 @@ def bon_curves(proxy_scores: list[list[float]], golds: list[list[float]], length
     return rows
 
 
-def blocks(hist: list[dict], size: int) -> list[dict]:
-    """Per-iteration records averaged over consecutive blocks of ``size`` iterations (a last partial block dropped)."""
-    out = []
-    for k in range(len(hist) // size):
-        part = hist[k * size : (k + 1) * size]
-        out.append({"iteration": part[-1]["iteration"],
-                    **{key: statistics.fmean(h[key] for h in part) for key in ("gold", "proxy", "length", "kl")}})
-    return out
+@torch.no_grad()
+def evaluate(policy, reference, tok, scorer, prompts: list[list[int]], answers: list[str], n: int, max_new_tokens: int,
+             temperature: float, seed: int, center: float, scale: float) -> dict:
+    """n samples per prompt from the policy: mean gold, proxy (standard units), reply tokens, and the KL to the
+    reference per reply, estimated as the mean over samples of sum_t log p(y_t) - log p_ref(y_t) (k1, unbiased)."""
+    samples = sample(policy, tok, prompts, n, max_new_tokens, temperature, seed)
+    expanded = [prompts[i // n] for i in range(len(samples))]
+    rows = [(p + r, [0] * len(p) + [1] * len(r)) for p, (r, _) in zip(expanded, samples)]
+    ids, mask = pad_rows(rows, max(len(r[0]) for r in rows), tok.bos_id)
+    device = next(policy.parameters()).device
+    ids, mask = ids.to(device), mask[:, 1:].float().to(device)
+    was = policy.training
+    policy.eval()
+    logp, _ = logprobs_and_entropy(policy, ids, temperature)
+    ref_logp, _ = logprobs_and_entropy(reference, ids, temperature)
+    policy.train(was)
+    proxy = scorer.score_batch(expanded, [r for r, _ in samples], [t for _, t in samples], None)
+    return {"gold": statistics.fmean(gold_f1(t, answers[i // n]) for i, (_, t) in enumerate(samples)),
+            "proxy": (statistics.fmean(proxy) - center) / scale,
+            "length": statistics.fmean(len(r) for r, _ in samples),
+            "kl": float(((logp - ref_logp) * mask).sum(1).mean())}
 
 
 # -- the study ----------------------------------------------------------------------------------------------------
 
 
-def _rl(cfg, rc, init, tok, scorer, center, scale, train_recs, kl_coef, seed, device) -> list[dict]:
+def _rl(cfg, rc, init, tok, scorer, center, scale, train_recs, eval_recs, kl_coef, seed, device) -> dict:
     seed_everything(seed)
     policy = init.load_model(device)
     ppo = replace(cfg.ppo, kl_coef=kl_coef)
     reward = ProxyReward(scorer, center, scale)
-    critic = ScalarHeadModel(copy.deepcopy(policy)).to(device).train()
+    # [ppo].critic_init as the PPO stage reads it: the SFT backbone with a fresh head, or a copy of the proxy itself
+    critic = copy.deepcopy(scorer.rm) if ppo.critic_init == "reward_model" else ScalarHeadModel(copy.deepcopy(policy))
+    critic = critic.to(device).train().requires_grad_(True)
     trainer = PPOTrainer(policy, critic, tok, ppo, reward, device, seed)
     rng = random.Random(f"reward-overopt-rl-{seed}")  # one prompt stream per seed, shared by every condition
-    hist = []
-    for it in range(ppo.iterations):
+    eval_prompts = [prompt_ids(tok, r["messages"][:-1]) for r in eval_recs]
+
+    def point(it: int) -> dict:
+        return {"iteration": it, **evaluate(policy, trainer.reference, tok, scorer, eval_prompts,
+                                            [r["answer"] for r in eval_recs], rc.eval_samples, ppo.max_new_tokens,
+                                            ppo.temperature, seed * 7919 + 3, center, scale)}
+
+    train, evals = [], [point(0)]
+    for it in range(1, ppo.iterations + 1):
         batch = rng.sample(train_recs, ppo.rollout_batch)
         stats = trainer.step([prompt_ids(tok, r["messages"][:-1]) for r in batch], [r["answer"] for r in batch])
-        hist.append({"iteration": it + 1, "kl": stats["kl"], "ended": stats["ended"], **reward.last})
-    return hist
+        train.append({"iteration": it, "kl": stats["kl"], "ended": stats["ended"], **reward.last})
+        if it % rc.eval_every == 0:
+            evals.append(point(it))
+    return {"eval": evals, "train": train}
 
 
 def run_seed(cfg, rc: RewardOveroptConfig, out: Path, seed: int, families, log) -> dict:
@@ -295,21 +322,20 @@ def run_seed(cfg, rc: RewardOveroptConfig, out: Path, seed: int, families, log) 
     runs = [("gold_labels", b) for b in rc.kl_coefs] + [("length_biased", rc.length_kl_coef)]
     for name, beta in runs:
         t = time.perf_counter()
-        hist = _rl(cfg, rc, init, tok, scorers[name], *norm[name], train_recs, beta, seed, device)
-        rl[f"{name}/kl{beta:g}"] = hist
-        edge = max(1, len(hist) // 5)
-        log(f"seed {seed} rl {name} kl_coef {beta:g}: gold {statistics.fmean(h['gold'] for h in hist[:edge]):.3f} -> "
-            f"{statistics.fmean(h['gold'] for h in hist[-edge:]):.3f}, proxy {hist[0]['proxy']:.2f} -> "
-            f"{statistics.fmean(h['proxy'] for h in hist[-edge:]):.2f}, length "
-            f"{statistics.fmean(h['length'] for h in hist[:edge]):.1f} -> "
-            f"{statistics.fmean(h['length'] for h in hist[-edge:]):.1f}, KL {hist[-1]['kl']:.2f} "
+        runs_ = _rl(cfg, rc, init, tok, scorers[name], *norm[name], train_recs, bon_recs, beta, seed, device)
+        rl[f"{name}/kl{beta:g}"] = runs_
+        ev = runs_["eval"]
+        peak = max(ev, key=lambda e: e["gold"])
+        log(f"seed {seed} rl {name} kl_coef {beta:g}: gold {ev[0]['gold']:.3f} -> peak {peak['gold']:.3f} "
+            f"(it {peak['iteration']}) -> {ev[-1]['gold']:.3f}, proxy {ev[0]['proxy']:.2f} -> {ev[-1]['proxy']:.2f}, "
+            f"length {ev[0]['length']:.1f} -> {ev[-1]['length']:.1f}, KL {ev[-1]['kl']:.2f} "
             f"({time.perf_counter() - t:.0f}s)")
     result = {"seed": seed, "rm_val_accuracy": rm_acc, "proxy_norm": norm, "bon": bon, "rl": rl}
     write_json(folder / "result.json", result)
     return result
 
 
-def aggregate(per_seed: list[dict], block: int) -> dict:
+def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of every curve, and the headline rule on each."""
     def curve(rows_by_seed: list[list[dict]], x: str) -> dict:
         keys = ("gold", "proxy", "length", "kl")
@@ -323,7 +349,7 @@ def aggregate(per_seed: list[dict], block: int) -> dict:
         return {"curve": out, "rule": rule}
 
     bon = {name: curve([s["bon"][name] for s in per_seed], "n") for name in per_seed[0]["bon"]}
-    rl = {cond: curve([blocks(s["rl"][cond], block) for s in per_seed], "iteration") for cond in per_seed[0]["rl"]}
+    rl = {cond: curve([s["rl"][cond]["eval"] for s in per_seed], "iteration") for cond in per_seed[0]["rl"]}
     return {"bon": bon, "rl": rl}
 
 
@@ -347,7 +373,7 @@ def run_reward_overopt(cfg, rc: RewardOveroptConfig, overwrite: bool = False, lo
         log(f"sft ({time.perf_counter() - t:.0f}s)")
     sft_sum = json.loads((out / "sft" / "summary.json").read_text())
     per_seed = [run_seed(cfg, rc, out, s, families, log) for s in rc.seeds]
-    agg = aggregate(per_seed, rc.block)
+    agg = aggregate(per_seed)
     result = {"config": asdict(rc), "stages": {k: asdict(getattr(cfg, k)) for k in ("sft", "rm", "ppo")},
               "sft": sft_sum, "seeds": per_seed, "aggregate": agg, "wall_seconds": time.perf_counter() - t0}
     write_json(out / "results.json", result)
@@ -363,43 +389,44 @@ def _sqrt_kl(xs: list[float]) -> list[float]:
     return [sqrt(max(x, 0.0)) for x in xs]
 
 
+def _twin(ax, x, c, color, label, style="o-"):
+    """Gold on ``ax`` (solid), the proxy on its twin axis (dashed), both mean ± std over seeds."""
+    ax.errorbar(x, c["gold"], yerr=c["gold_std"], fmt=style, color=color, capsize=3, label=f"gold, {label}")
+    ax.proxy_axis.errorbar(x, c["proxy"], yerr=c["proxy_std"], fmt="s--", color=color, alpha=0.5, capsize=2,
+                           label=f"proxy, {label}")
+
+
 def plot(agg: dict, rc: RewardOveroptConfig, path: Path) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
-    ax = axes[0]
-    for name, style in zip(agg["bon"], ("-", ":")):
-        c = agg["bon"][name]["curve"]
-        x = _sqrt_kl(c["kl"])
-        ax.errorbar(x, c["gold"], yerr=c["gold_std"], fmt="o" + style, color="C0", capsize=3, label=f"gold ({name})")
-        ax.errorbar(x, c["proxy"], yerr=c["proxy_std"], fmt="s" + style, color="C1", capsize=3,
-                    label=f"proxy ({name})")
-    ax.set(title="best-of-n (n = 1 ... %d) against the proxy" % rc.bon_samples, xlabel="sqrt(KL_bon) (nats^0.5)",
-           ylabel="gold F1 | proxy (SFT std units)")
-    ax2 = axes[1]
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
+    for ax in axes[:3]:
+        ax.proxy_axis = ax.twinx()
+        ax.set_ylabel("gold F1 (solid)")
+        ax.proxy_axis.set_ylabel("proxy, SFT std units (dashed)")
+    for i, (name, a) in enumerate(agg["bon"].items()):
+        _twin(axes[0], _sqrt_kl(a["curve"]["kl"]), a["curve"], f"C{3 * i}", name)
+    axes[0].set(title=f"best-of-n against each proxy (n = 1 ... {rc.bon_samples})", xlabel="sqrt(KL_bon) (nats^0.5)")
     for i, cond in enumerate(c for c in agg["rl"] if c.startswith("gold_labels")):
         c = agg["rl"][cond]["curve"]
-        x = _sqrt_kl(c["kl"])
-        label = "beta = " + cond.split("kl")[-1]
-        ax2.errorbar(x, c["gold"], yerr=c["gold_std"], fmt="o-", color=f"C{i}", capsize=3, label="gold, " + label)
-        axes[2].errorbar(c["iteration"], c["gold"], yerr=c["gold_std"], fmt="o-", color=f"C{i}", capsize=3,
-                         label="gold, " + label)
-        axes[2].plot(c["iteration"], [v / 10 for v in c["proxy"]], "--", color=f"C{i}", label="proxy / 10, " + label)
-        ax2.plot(x, [v / 10 for v in c["proxy"]], "--", color=f"C{i}", label="proxy / 10, " + label)
-    ax2.set(title="PPO against the gold-label proxy", xlabel="sqrt(KL to the SFT policy) (nats^0.5)",
-            ylabel="gold F1 | proxy / 10 (SFT std units)")
-    axes[2].set(title="KL coefficient: gold and proxy by iteration", xlabel="PPO iteration", ylabel="gold F1 | proxy / 10")
-    ax3 = axes[3]
+        label = "beta = " + cond.split("/kl")[-1]
+        _twin(axes[1], _sqrt_kl(c["kl"]), c, f"C{i}", label)
+        _twin(axes[2], c["iteration"], c, f"C{i}", label)
+    axes[1].set(title="PPO against the gold-label proxy", xlabel="sqrt(KL to the SFT policy) (nats^0.5)")
+    axes[2].set(title="the KL coefficient: gold and proxy by iteration", xlabel="PPO iteration")
     cond = next(c for c in agg["rl"] if c.startswith("length_biased"))
     c = agg["rl"][cond]["curve"]
-    ax3.errorbar(c["iteration"], c["length"], yerr=c["length_std"], fmt="o-", color="C3", capsize=3,
-                 label="reply tokens")
-    ax3.set(title=f"length-biased proxy (beta = {rc.length_kl_coef:g})", xlabel="PPO iteration", ylabel="reply tokens")
-    twin = ax3.twinx()
+    ax = axes[3]
+    ax.errorbar(c["iteration"], c["length"], yerr=c["length_std"], fmt="o-", color="C3", capsize=3, label="reply tokens")
+    ax.set(title=f"PPO against the length-biased proxy (beta = {rc.length_kl_coef:g})", xlabel="PPO iteration",
+           ylabel="reply tokens")
+    twin = ax.twinx()
     twin.errorbar(c["iteration"], c["gold"], yerr=c["gold_std"], fmt="s--", color="C0", capsize=3, label="gold F1")
-    twin.set_ylabel("gold F1")
+    twin.set_ylabel("gold F1 (dashed)")
     twin.legend(loc="lower right", fontsize=7)
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7)
+    for ax in axes[:3]:
+        ax.proxy_axis.legend(loc="lower right", fontsize=7)
     fig.suptitle(f"Reward over-optimization: mean ± std over seeds {rc.seeds}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -428,7 +455,8 @@ def markdown(result: dict) -> str:
         for k, n in enumerate(c["n"]):
             lines.append(f"| {name} | {n} | {c['kl'][k]:.2f} | {c['gold'][k]:.3f} ± {c['gold_std'][k]:.3f} | "
                          f"{c['proxy'][k]:.2f} ± {c['proxy_std'][k]:.2f} | {c['length'][k]:.1f} |")
-    lines += ["", f"PPO (training rollouts, blocks of {rc['block']} iterations; first block, gold peak, last block):", "",
+    lines += ["", f"PPO, evaluated every {rc['eval_every']} iterations ({rc['eval_samples']} samples on each best-of-n "
+              "prompt, the same seed each time); the start, the gold peak and the end:", "",
               "| proxy / kl_coef | iteration | KL (nats) | gold F1 | proxy (SFT std) | reply tokens |",
               "|---|---|---|---|---|---|"]
     for cond, a in agg["rl"].items():
