@@ -101,7 +101,11 @@ def test_tiny_reward_overopt_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(agg["rl"]) == {"gold_labels/kl0", "gold_labels/kl0.5", "length_biased/kl0"}
     assert all(isinstance(a["rule"]["holds"], bool) for kind in ("bon", "rl") for a in agg[kind].values())
     assert (out / "reward_overopt.png").stat().st_size > 0 and "Headline rule" in (out / "results.md").read_text()
+    (out / "results.json").unlink()  # an interrupted run: the finished seeds are reused, not recomputed
     capsys.readouterr()
+    assert main(["experiments", "reward-overopt", "-c", str(cfg), "--set", "reward_overopt.seeds=[1]"]) == 0
+    assert "seed 1: reusing" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["seeds"] == result["seeds"][1:]
     assert main(["experiments", "reward-overopt", "-c", str(cfg)]) == 2  # finished results are not replaced unasked
     assert "--overwrite" in capsys.readouterr().err
     code = main(["experiments", "reward-overopt", "-c", str(cfg), "--set", "reward_overopt.bon_samples=3"])

@@ -330,9 +330,28 @@ def run_seed(cfg, rc: RewardOveroptConfig, out: Path, seed: int, families, log) 
             f"(it {peak['iteration']}) -> {ev[-1]['gold']:.3f}, proxy {ev[0]['proxy']:.2f} -> {ev[-1]['proxy']:.2f}, "
             f"length {ev[0]['length']:.1f} -> {ev[-1]['length']:.1f}, KL {ev[-1]['kl']:.2f} "
             f"({time.perf_counter() - t:.0f}s)")
-    result = {"seed": seed, "rm_val_accuracy": rm_acc, "proxy_norm": norm, "bon": bon, "rl": rl}
+    result = {"seed": seed, "recipe": _recipe(cfg, rc), "rm_val_accuracy": rm_acc, "proxy_norm": norm, "bon": bon,
+              "rl": rl}
     write_json(folder / "result.json", result)
     return result
+
+
+def _recipe(cfg, rc: RewardOveroptConfig) -> dict:
+    """What a seed's result depends on, in the form it has once read back from disk."""
+    own = {k: v for k, v in asdict(rc).items() if k != "seeds"}
+    return json.loads(json.dumps({"study": own, "run_seed": cfg.run.seed,
+                                  **{k: asdict(getattr(cfg, k)) for k in ("sft", "rm", "ppo")}}, default=str))
+
+
+def seed_result(cfg, rc: RewardOveroptConfig, out: Path, seed: int, families, log) -> dict:
+    """A seed's result: reused from an earlier (interrupted) run of the same recipe, else computed."""
+    done = out / f"seed{seed}" / "result.json"
+    if done.is_file():
+        cached = json.loads(done.read_text())
+        if cached.get("recipe") == _recipe(cfg, rc):
+            log(f"seed {seed}: reusing {done}")
+            return cached
+    return run_seed(cfg, rc, out, seed, families, log)
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -372,7 +391,7 @@ def run_reward_overopt(cfg, rc: RewardOveroptConfig, overwrite: bool = False, lo
                 overwrite=True)
         log(f"sft ({time.perf_counter() - t:.0f}s)")
     sft_sum = json.loads((out / "sft" / "summary.json").read_text())
-    per_seed = [run_seed(cfg, rc, out, s, families, log) for s in rc.seeds]
+    per_seed = [seed_result(cfg, rc, out, s, families, log) for s in rc.seeds]
     agg = aggregate(per_seed)
     result = {"config": asdict(rc), "stages": {k: asdict(getattr(cfg, k)) for k in ("sft", "rm", "ppo")},
               "sft": sft_sum, "seeds": per_seed, "aggregate": agg, "wall_seconds": time.perf_counter() - t0}
