@@ -71,6 +71,7 @@ def test_repo_recipes_load():
     # TOML section -> (study module, its config dataclass)
     studies = {"abstain": ("abstain", "AbstainConfig"), "flan": ("flan", "FlanConfig"),
                "reward_hacking": ("reward_hacking", "RewardHackingConfig"), "icl": ("icl", "ICLConfig"),
+               "reward_overopt": ("overoptimization", "RewardOveroptConfig"),
                "adaptation": ("adaptation", "AdaptationConfig"), "families": ("families", "FamiliesConfig"),
                "reasoning": ("reasoning", "ReasoningConfig")}
     experiment_sections = {section: getattr(importlib.import_module(f"scalelab.experiments.{module}"), cls)

@@ -16,6 +16,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
              "instruction tuning on 1, 2, 4, ... task families, scored on held-out families"),
     "reward-hacking": ("scalelab.experiments.reward_hacking",
                        "PPO against a length-biased reward model with/without KL; SFT vs PPO vs DPO by gold win rate"),
+    "reward-overopt": ("scalelab.experiments.overoptimization",
+                       "best-of-n and PPO against a proxy RM fit to few gold labels: gold and proxy vs sqrt(KL)"),
     "reasoning": ("scalelab.experiments.reasoning",
                   "chain-of-thought warm start, GRPO with verifiable rewards, test-time compute curves, tool use"),
     "icl": ("scalelab.experiments.icl", "accuracy against shot count (0, 1, few) for several model sizes"),
