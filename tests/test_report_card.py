@@ -95,6 +95,21 @@ def test_card_from_synthetic_stage_sweep_and_study(synthetic, tmp_path):
     assert "<details><summary>dpo: config.toml</summary>" in html
 
 
+def test_card_shows_the_eval_harness_per_task_and_shot_count(tmp_path):
+    """``scalelab eval --out RUN/eval_results.json`` nests metrics four levels deep; each reaches the card."""
+    run = tmp_path / "imported"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"stage": "import", "params": 1000}))
+    (run / "config.toml").write_text(to_toml(Config()))
+    harness = {"model": "m", "n": 100, "seed": 0, "shots": [0, 3], "tasks": {"addition": {
+        "kind": "generate", "note": "text", "shots": {"0": {"n": 100, "exact_match": 0.0, "samples": []},
+                                                      "3": {"n": 100, "exact_match": 0.02, "digit_credit": 0.2}}}}}
+    (run / "eval_results.json").write_text(json.dumps(harness))
+    md = write_report_card([run], out=tmp_path / "card")[0].read_text()
+    assert "| eval_results.addition.3-shot.exact_match | 0.02 |" in md
+    assert "| eval_results.addition.0-shot.exact_match | 0 |" in md and "| eval_results.n | 100 |" in md
+
+
 def test_not_a_run_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScalelabError, match="not a run folder"):

@@ -55,6 +55,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def eval_file_metrics(obj, prefix: str) -> dict[str, float]:
+    """An eval result file's numbers. ``scalelab eval --out`` writes {"tasks": {task: {"shots": {k: metrics}}}},
+    nested deeper than ``flat_metrics`` looks, so each task and shot count becomes one flat prefix."""
+    tasks = obj.get("tasks") if isinstance(obj, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(t, dict) and "shots" in t for t in tasks.values()):
+        return flat_metrics(obj, prefix)
+    out = {f"{prefix}{k}": v for k, v in obj.items() if _is_number(v) and k not in SKIPPED_KEYS}
+    for task, entry in tasks.items():
+        for shots, metrics in entry["shots"].items():
+            out.update(flat_metrics(metrics, f"{prefix}{task}.{shots}-shot.", 0))
+    return out
+
+
 def flat_metrics(obj, prefix: str = "", depth: int = 3) -> dict[str, float]:
     """Numeric leaves of nested dicts as {"a.b": value}; lists, strings and bookkeeping keys are skipped."""
     out: dict[str, float] = {}
@@ -213,7 +226,7 @@ def collect_run(path: str | Path, name: str | None = None) -> RunInfo:
         # the last in-training eval; a post-training summary already holds the same keys
         info.metrics.update({k: v for k, v in last_eval(records).items() if k not in info.metrics})
         for name in EVAL_RESULT_FILES:
-            info.metrics.update(flat_metrics(_load_json(run / name) or {}, f"{name.removesuffix('.json')}."))
+            info.metrics.update(eval_file_metrics(_load_json(run / name) or {}, f"{name.removesuffix('.json')}."))
         _compute(info, summary, records, config_table)
         info.samples = _samples(run, summary)
     setup = next((r for r in records if r.get("kind") == "setup"), {})
