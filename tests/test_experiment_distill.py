@@ -65,7 +65,9 @@ def test_claim_by_hand():
     assert h["mean_difference"] == pytest.approx(0.25) and h["seeds_holding"] == 1 and h["holds_on_mean"]
     assert c["abstention_up_on_student_only"]["seeds_holding"] == 2
     assert c["rl_cuts_abstention_on_student_only"]["mean_difference"] == pytest.approx(0.15)
-    assert "moved both back" in ds.claim_sentence(c)
+    text = ds.claim_sentence(c)
+    assert "hallucination on teacher-only people held on the mean only (+0.250; 1/2 seeds)" in text
+    assert "abstention on student-only people held on every seed (+0.450)" in text
     agg = ds.mean_std([0.2, 0.4])
     assert agg["mean"] == pytest.approx(0.3) and agg["std"] == pytest.approx(0.1414, abs=1e-3)
     assert ds.mean_std([0.5])["std"] == 0.0

@@ -292,11 +292,19 @@ def _cell(x: dict) -> str:
 
 
 def claim_sentence(c: dict) -> str:
-    up = c["hallucination_up_on_teacher_only"]["holds_on_mean"] and c["abstention_up_on_student_only"]["holds_on_mean"]
-    back = (c["rl_cuts_hallucination_on_teacher_only"]["holds_on_mean"]
-            and c["rl_cuts_abstention_on_student_only"]["holds_on_mean"])
-    return (f"Distillation's predicted damage {'appeared' if up else 'did not fully appear'} and the RL repair "
-            f"{'moved both back' if back else 'did not move both back'} (on the seed means; details below).")
+    """One plain sentence per half of the claim: on the seed means, and how many seeds agree."""
+    def status(x: dict) -> str:
+        if x["seeds_holding"] == x["n_seeds"]:
+            return f"held on every seed ({x['mean_difference']:+.3f})"
+        if x["holds_on_mean"]:
+            return f"held on the mean only ({x['mean_difference']:+.3f}; {x['seeds_holding']}/{x['n_seeds']} seeds)"
+        return f"did not hold ({x['mean_difference']:+.3f}; {x['seeds_holding']}/{x['n_seeds']} seeds)"
+
+    return (f"After distillation, the rise in hallucination on teacher-only people "
+            f"{status(c['hallucination_up_on_teacher_only'])} and the rise in abstention on student-only people "
+            f"{status(c['abstention_up_on_student_only'])}. RL's cut of that hallucination "
+            f"{status(c['rl_cuts_hallucination_on_teacher_only'])} and its cut of that abstention "
+            f"{status(c['rl_cuts_abstention_on_student_only'])}.")
 
 
 def results_markdown(result: dict) -> str:
@@ -344,7 +352,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{g.replace('_', '-')} people")
     axes[0].set_ylabel(f"rate on held-out questions (mean ± std, {len(result['seeds'])} seeds)")
     axes[0].legend(fontsize=8)
-    save_figure(fig, path, "distillation copies the teacher's knowledge boundary; RL on the student's own samples")
+    save_figure(fig, path, "teacher, student before and after distillation, and after RL, by who read about the person")
 
 
 STUDY = Study("distill", DistillConfig, run_distill, results_markdown, ("results.md", "results.json", "distill.png"))
