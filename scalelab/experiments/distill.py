@@ -170,16 +170,16 @@ def run_seed(cfg: Config, d: DistillConfig, seed: int, out: Path, log=print) -> 
     run_t = Run.open(ensure_base(cfg_t, out / "base" / f"seed{seed}_teacher"))
     run_s = Run.open(ensure_base(cfg_s, out / "base" / f"seed{seed}_student"))
     timings["pretrain"] = time.perf_counter() - t
-    run_seed_ = cfg_t.run.seed
-    seed_everything(run_seed_)
+    stage_seed = cfg_t.run.seed
+    seed_everything(stage_seed)
     device = resolve_device(cfg.run.device)
     teacher_base, student_base = run_t.load_model(device), run_s.load_model(device)
     tok_t, tok_s, world_t, world_s = run_t.tokenizer, run_s.tokenizer, run_t.world, run_s.world
-    split = split_groups(knowledge_groups(world_t, world_s), d, run_seed_)
+    split = split_groups(knowledge_groups(world_t, world_s), d, stage_seed)
     max_new = cfg.grpo.max_new_tokens
     eval_items = {g: ab.qa_items(world_s, split[g]["eval"]) for g in GROUPS}
     if d.max_eval:
-        eval_items = {g: random.Random(f"distill-eval-{g}-{run_seed_}").sample(v, min(d.max_eval, len(v)))
+        eval_items = {g: random.Random(f"distill-eval-{g}-{stage_seed}").sample(v, min(d.max_eval, len(v)))
                       for g, v in eval_items.items()}
     models = {}
 
@@ -193,36 +193,36 @@ def run_seed(cfg: Config, d: DistillConfig, seed: int, out: Path, log=print) -> 
 
     t = time.perf_counter()
     teacher, loss_t = ab.sft(teacher_base, tok_t, honest_records(world_t, people(split, "teacher_sft")), cfg.sft,
-                             cfg.train, run_seed_, folder / "teacher_sft.jsonl")
+                             cfg.train, stage_seed, folder / "teacher_sft.jsonl")
     timings["teacher_sft"] = time.perf_counter() - t
     record("teacher", teacher, tok_t)
     record("student_base", student_base, tok_s)
     distill_ids = people(split, "distill")
     t = time.perf_counter()
     student_sft, loss_s = ab.sft(student_base, tok_s, honest_records(world_s, distill_ids), cfg.sft, cfg.train,
-                                 run_seed_, folder / "student_sft.jsonl")
+                                 stage_seed, folder / "student_sft.jsonl")
     timings["student_sft"] = time.perf_counter() - t
     record("student_sft", student_sft, tok_s)
 
     # The teacher's own tokenizer reads its prompts; the student learns from the text of its answers.
     t = time.perf_counter()
     questions = ab.qa_items(world_t, distill_ids)
-    answers = ab.replies(teacher, tok_t, questions, max_new, temperature=d.teacher_temperature, seed=run_seed_)
+    answers = ab.replies(teacher, tok_t, questions, max_new, temperature=d.teacher_temperature, seed=stage_seed)
     by_group = {pid: g for g in GROUPS for pid in split[g]["distill"]}
     teacher_data = {g: ab.rates([ab.classify_answer(a, q["answer"]) for a, q in zip(answers, questions)
                                  if by_group[q["person"]] == g]) for g in GROUPS}
     distilled, loss_d = ab.sft(student_base, tok_s, [{"question": q["question"], "reply": a} for q, a in zip(questions, answers)],
-                               cfg.sft, cfg.train, run_seed_, folder / "distill_sft.jsonl")
+                               cfg.sft, cfg.train, stage_seed, folder / "distill_sft.jsonl")
     timings["distill"] = time.perf_counter() - t
     record("distilled", distilled, tok_s)
 
     t = time.perf_counter()
     rewards = ab.AbstainConfig(correct_reward=d.correct_reward, wrong_reward=d.wrong_reward)
     repaired, history, _ = ab.rl(distilled, tok_s, ab.qa_items(world_s, people(split, "rl")), rewards, cfg.grpo,
-                                 d.abstain_reward, run_seed_, folder / "repair_rl.jsonl")
+                                 d.abstain_reward, stage_seed, folder / "repair_rl.jsonl")
     timings["repair_rl"] = time.perf_counter() - t
     record("repaired", repaired, tok_s)
-    return {"seed": seed, "world_seed": world_t.cfg.seed, "run_seed": run_seed_,
+    return {"seed": seed, "world_seed": world_t.cfg.seed, "run_seed": stage_seed,
             "people": {g: {k: len(v) for k, v in split[g].items()} for g in GROUPS},
             "models": models, "teacher_distill_answers": teacher_data,
             "sft_final_loss": {"teacher": loss_t, "student_sft": loss_s, "distilled": loss_d},
