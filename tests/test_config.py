@@ -73,7 +73,7 @@ def test_repo_recipes_load():
                "reward_hacking": ("reward_hacking", "RewardHackingConfig"), "icl": ("icl", "ICLConfig"),
                "reward_overopt": ("overoptimization", "RewardOveroptConfig"),
                "adaptation": ("adaptation", "AdaptationConfig"), "families": ("families", "FamiliesConfig"),
-               "reasoning": ("reasoning", "ReasoningConfig")}
+               "reasoning": ("reasoning", "ReasoningConfig"), "distill": ("distill", "DistillConfig")}
     experiment_sections = {section: getattr(importlib.import_module(f"scalelab.experiments.{module}"), cls)
                            for section, (module, cls) in studies.items()}
     recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))

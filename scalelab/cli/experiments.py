@@ -12,6 +12,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     # name: (module holding the study's STUDY, help)
     "abstain": ("scalelab.experiments.abstain",
                 "abstention: known vs unknown people, SFT with/without 'I don't know', RL with an abstain reward"),
+    "distill": ("scalelab.experiments.distill",
+                "distillation copies the teacher's knowledge gaps (4 groups of people); RL with the abstain reward repairs"),
     "flan": ("scalelab.experiments.flan",
              "instruction tuning on 1, 2, 4, ... task families, scored on held-out families"),
     "reward-hacking": ("scalelab.experiments.reward_hacking",

@@ -9,6 +9,10 @@ and that mixing some QA into pretraining helps. So the people are split:
 - ``qa_train``: known people whose QA pairs are also mixed into pretraining;
 - ``qa_eval``: known people whose QA is held out (can the model *extract* facts it read?);
 - ``unknown``: people who never appear in pretraining text, only in QA (for abstention work).
+
+The unknown people are a window of one shuffled order of everyone: ``unknown_fraction`` sets its
+length and ``unknown_offset`` where it starts. Two worlds that differ only in ``unknown_offset`` hold
+the same people and know overlapping subsets of them (the distillation study's teacher and student).
 """
 
 from __future__ import annotations
@@ -197,6 +201,7 @@ class WorldConfig:
     n_people: int = 400
     bios_per_person: int = 4
     unknown_fraction: float = 0.0
+    unknown_offset: float = 0.0  # where the unknown window starts in the shuffled order, as a share of everyone
     qa_in_pretrain_fraction: float = 0.5
     extra_tasks: dict[str, int] = field(default_factory=lambda: {"arithmetic": 2000})
 
@@ -218,9 +223,10 @@ class World:
         order = list(range(len(self.people)))
         random.Random(f"splits-{c.seed}").shuffle(order)
         n_unknown = int(round(c.unknown_fraction * len(order)))
-        known = order[n_unknown:]
+        start = min(int(round(c.unknown_offset * len(order))), len(order) - n_unknown)
+        known = order[:start] + order[start + n_unknown:]
         n_qa_train = int(round(c.qa_in_pretrain_fraction * len(known)))
-        self.unknown_people: list[int] = sorted(order[:n_unknown])
+        self.unknown_people: list[int] = sorted(order[start:start + n_unknown])
         self.qa_train_people: list[int] = sorted(known[:n_qa_train])
         self.qa_eval_people: list[int] = sorted(known[n_qa_train:])
         for i in self.unknown_people:
@@ -383,6 +389,9 @@ def _validate(c: WorldConfig) -> None:
         bad(f"bios_per_person must be at least 1, got {c.bios_per_person}")
     if not isinstance(c.unknown_fraction, (int, float)) or not 0.0 <= c.unknown_fraction < 1.0:
         bad(f"unknown_fraction must lie in [0, 1), got {c.unknown_fraction!r}")
+    if (not isinstance(c.unknown_offset, (int, float)) or not 0.0 <= c.unknown_offset < 1.0
+            or c.unknown_offset + c.unknown_fraction > 1.0 + 1e-9):
+        bad(f"unknown_offset must lie in [0, 1) with unknown_offset + unknown_fraction <= 1, got {c.unknown_offset!r}")
     if not isinstance(c.qa_in_pretrain_fraction, (int, float)) or not 0.0 <= c.qa_in_pretrain_fraction <= 1.0:
         bad(f"qa_in_pretrain_fraction must lie in [0, 1], got {c.qa_in_pretrain_fraction!r}")
     if not isinstance(c.extra_tasks, dict):

@@ -225,10 +225,10 @@ def sft(base, tok, records: list[dict], stage: SFTConfig, train_cfg, seed: int, 
     return model, losses[-1]
 
 
-def replies(model, tok, items: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy replies to "Question: ...\nAnswer:", up to the newline."""
+def replies(model, tok, items: list[dict], max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Replies to "Question: ...\nAnswer:", up to the newline: greedy, or sampled at ``temperature``."""
     prompts = [qa_prompt(tok, it["question"]) for it in items]
-    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=("\n",))
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_strings=("\n",))
     was = model.training
     model.eval()
     try:
