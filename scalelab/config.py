@@ -285,6 +285,9 @@ class GRPOConfig:
     old_logprobs: str = "engine"  # engine: the sampler's log-probs | recompute: a no-grad forward of the policy
     max_new_tokens: int = 64
     temperature: float = 1.0
+    # a system turn before each problem, e.g. to ask a published chat model for the "Answer:" line it never
+    # learned; "": the problem alone as the user turn (models SFT-trained on the format need nothing more)
+    system_prompt: str = ""
     reward_correct: float = 1.0  # the reward is a correctness term (correct or wrong) ...
     reward_wrong: float = 0.0
     reward_formatted: float = 0.1  # ... plus a format term (an "Answer:" line or not)

@@ -68,14 +68,12 @@ def test_repo_recipes_load():
     from scalelab.config import read_toml
     from scalelab.config import load_config_with_section
 
-    # TOML section -> (study module, its config dataclass)
-    studies = {"abstain": ("abstain", "AbstainConfig"), "flan": ("flan", "FlanConfig"),
-               "reward_hacking": ("reward_hacking", "RewardHackingConfig"), "icl": ("icl", "ICLConfig"),
-               "reward_overopt": ("overoptimization", "RewardOveroptConfig"),
-               "adaptation": ("adaptation", "AdaptationConfig"), "families": ("families", "FamiliesConfig"),
-               "reasoning": ("reasoning", "ReasoningConfig"), "distill": ("distill", "DistillConfig")}
-    experiment_sections = {section: getattr(importlib.import_module(f"scalelab.experiments.{module}"), cls)
-                           for section, (module, cls) in studies.items()}
+    from scalelab.cli.experiments import ACTIONS
+
+    # TOML section -> the study's config dataclass, for every registered study that has a STUDY
+    studies = [getattr(importlib.import_module(module), "STUDY", None) for module, _ in ACTIONS.values()]
+    experiment_sections = {study.name: study.config_class for study in studies if study is not None}
+    assert {"abstain", "distill", "emergence_addition", "reward_overopt"} <= set(experiment_sections)
     recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
     assert recipes
     for recipe in recipes:

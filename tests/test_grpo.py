@@ -202,8 +202,11 @@ def test_scalelab_grpo_end_to_end(tmp_path, capsys):
     # dynamic sampling and the unclipped, sequence-normalised, recomputed-log-prob variant run too
     assert main(_grpo_args(init, tmp_path / "grpo2", "grpo.dynamic_sampling=true", "grpo.clip=0", "grpo.kl_coef=0",
                            'grpo.loss_norm="sequence"', 'grpo.old_logprobs="recompute"', "grpo.steps=1",
-                           "grpo.eval_problems=0")) == 0
-    (step,) = [r for r in read_metrics(tmp_path / "grpo2" / "metrics.jsonl") if r["kind"] == "grpo"]
+                           "grpo.eval_problems=0", 'grpo.system_prompt="End with a line Answer: N."')) == 0
+    records2 = read_metrics(tmp_path / "grpo2" / "metrics.jsonl")
+    setup, setup_plain = (next(r for r in rs if r["kind"] == "setup") for rs in (records2, records))
+    assert "End with a line Answer: N." in setup["first_prompt"] and "Answer: N" not in setup_plain["first_prompt"]
+    (step,) = [r for r in records2 if r["kind"] == "grpo"]
     assert "kl" not in step and step["sample_rounds"] >= 1
     capsys.readouterr()
 

@@ -105,7 +105,8 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
 
     def encode(problem) -> list[int]:
         if problem.prompt not in cache:
-            ids = prompt_ids(tok, problem.prompt)
+            turns = [{"role": "system", "content": g.system_prompt}] if g.system_prompt else []
+            ids = prompt_ids(tok, turns + [{"role": "user", "content": problem.prompt}])
             if len(ids) >= ctx:
                 raise ScalelabError(f"a {g.task} prompt of {len(ids)} tokens does not fit the model's context of {ctx}")
             cache[problem.prompt] = ids
@@ -113,7 +114,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
 
     held_out = task.generate(g.eval_problems, cfg.run.seed + g.eval_seed_offset, difficulty) if g.eval_problems else []
     stream = ProblemStream(task, cfg.run.seed, difficulty, {p.prompt for p in held_out})
-    encode(stream.peek())  # a prompt that cannot fit fails before the run folder exists
+    first_prompt = tok.decode(encode(stream.peek()))  # a prompt that cannot fit fails before the run folder exists
     run = Run.create(cfg, "grpo", init, overwrite).path
 
     def refill(n: int):
@@ -124,7 +125,7 @@ def run_grpo(cfg: Config, init_dir: str | Path, overwrite: bool = False) -> dict
                                   correct_fn=lambda problem, text: verify(problem, text)["correct"])
     logger = MetricsLogger(run / "metrics.jsonl")
     logger.log(kind="setup", step=0, stage="grpo", task=g.task, difficulty=difficulty, params=policy.num_params(),
-               held_out=len(held_out), reward_weights=reward.weights)
+               held_out=len(held_out), reward_weights=reward.weights, first_prompt=first_prompt)
     t0 = time.perf_counter()
     evals = []
 
