@@ -14,6 +14,7 @@ from scalelab.posttrain.ppo import (
     kl_estimate,
     logprobs_and_entropy,
     policy_loss,
+    reply_logprobs_and_entropy,
     run_ppo,
     value_loss,
     whiten,
@@ -85,6 +86,23 @@ def test_kl_estimators_by_hand_and_zero_when_policy_equals_reference():
     lr, _ = logprobs_and_entropy(reference, ids)
     for kind in ("k1", "k3"):
         assert torch.equal(kl_estimate(lp, lr, kind), torch.zeros_like(lp))
+
+
+def test_reply_only_logprobs_match_the_full_pass_in_value_and_gradient():
+    torch.manual_seed(1)
+    model = tiny_model(40, 32)
+    ids = torch.randint(0, 40, (3, 20))
+    mask = torch.zeros(3, 19)
+    mask[0, 5:12], mask[1, 9:19], mask[2, 0:3] = 1, 1, 1  # replies start at different positions
+    full, full_ent = logprobs_and_entropy(model, ids, temperature=0.7)
+    (full * mask).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    part, part_ent = reply_logprobs_and_entropy(model, ids, mask, temperature=0.7)
+    (part * mask).sum().backward()
+    assert torch.allclose(part, full * mask, atol=1e-5)
+    assert torch.allclose(part_ent, full_ent.detach() * mask, atol=1e-5) and not part_ent.requires_grad
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), want))
 
 
 def test_whitening_and_the_adaptive_kl_controller():

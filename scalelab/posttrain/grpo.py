@@ -18,7 +18,8 @@ Knobs from the later literature, each off or at GRPO's choice unless asked for:
   they only dilute the token average) and optionally sample fresh prompts to refill the batch
   (DAPO), at most ``max_refill_rounds`` extra rounds a step.
 - ``old_logprobs``: the behaviour policy's log-probs in the ratio. "recompute" (the default) runs
-  a no-grad forward of the policy over the sampled batch; "engine" takes the log-probs the engine
+  a no-grad forward of the policy over the sampled batch (with one epoch in one minibatch, the
+  training forward's own log-probs, detached, which are the same numbers); "engine" takes the log-probs the engine
   computed while sampling (at the sampling temperature) and saves that forward. The two agree to
   float noise in fp32 (tests/test_grpo.py checks 1e-4): the engine decodes token by token through
   its KV cache, the trainer runs the whole sequence at once. With "recompute" the largest gap is
@@ -39,7 +40,7 @@ from scalelab.errors import ScalelabError
 from scalelab.infer.engine import Engine, GenerationParams
 from scalelab.model.gpt import GPT
 from scalelab.posttrain.data import pad_rows
-from scalelab.posttrain.ppo import kl_estimate, logprobs_and_entropy
+from scalelab.posttrain.ppo import kl_estimate, reply_logprobs_and_entropy
 from scalelab.train.optim import build_optimizer, optimizer_step
 
 # (prompt index, reply text, extra) -> reward; the extra is whatever the caller attached to the prompt
@@ -253,15 +254,20 @@ class GRPOTrainer:
             engine_logp[r, : len(lps)] = torch.tensor(lps)
         engine_logp = engine_logp.to(self.device)
         stats_out: dict[str, float] = {}
+        # One epoch in one minibatch: the policy that sampled is the one about to be scored, so the
+        # first (and only) training forward gives the behaviour log-probs too (detached), and the
+        # separate no-grad forward is skipped. Same values: the model has no dropout.
+        shared_forward = self.old_logprobs == "recompute" and self.epochs == 1 and self.minibatch_size >= len(ids)
         with torch.no_grad():
+            old_logp = None
             if self.old_logprobs == "engine":
                 old_logp = engine_logp
-            else:
-                old_logp, _ = logprobs_and_entropy(self.policy, ids, self.temperature)
+            elif not shared_forward:
+                old_logp, _ = reply_logprobs_and_entropy(self.policy, ids, mask, self.temperature)
                 stats_out["engine_logprob_gap"] = float(((old_logp - engine_logp).abs() * mask).max())
             ref_logp = None
             if self.reference is not None:
-                ref_logp, _ = logprobs_and_entropy(self.reference, ids, self.temperature)
+                ref_logp, _ = reply_logprobs_and_entropy(self.reference, ids, mask, self.temperature)
         token_adv = adv[:, None].expand_as(mask)
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "clip_frac", "entropy", "approx_kl")}
         if self.reference is not None:
@@ -272,7 +278,11 @@ class GRPOTrainer:
             for s in range(0, len(ids), self.minibatch_size):
                 mb = order[s : s + self.minibatch_size].to(self.device)
                 m = mask[mb]
-                logp, entropy = logprobs_and_entropy(self.policy, ids[mb], self.temperature)
+                logp, entropy = reply_logprobs_and_entropy(self.policy, ids[mb], m, self.temperature)
+                if old_logp is None:
+                    old_logp = torch.empty_like(logp)
+                    old_logp[mb] = logp.detach()
+                    stats_out["engine_logprob_gap"] = float(((old_logp - engine_logp).abs() * mask).max())
                 loss, parts = grpo_loss(logp, old_logp[mb], token_adv[mb], m, self.clip, self.loss_norm,
                                         None if ref_logp is None else ref_logp[mb], self.kl_coef)
                 optimizer_step(loss, self.opt, self.policy.parameters(), self.optim)

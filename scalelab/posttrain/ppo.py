@@ -136,6 +136,24 @@ def logprobs_and_entropy(model: GPT, ids: torch.Tensor, temperature: float = 1.0
     return logp, entropy
 
 
+def reply_logprobs_and_entropy(model: GPT, ids: torch.Tensor, mask: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`logprobs_and_entropy` where ``mask`` (B, T-1) is 1, zeros elsewhere; the entropy carries no gradient.
+
+    The output layer and the softmax run on the masked (reply) positions only. With a real vocabulary
+    they are a large share of the pass: SmolLM2's 49,152 x 576 head on prompts longer than their replies.
+    """
+    where = mask.bool()
+    hidden = model.hidden_states(ids[:, :-1])
+    logp_all = F.log_softmax(model.lm_head(hidden[where]).float() / temperature, -1)  # (N, V)
+    picked = torch.gather(logp_all, 1, ids[:, 1:][where].unsqueeze(-1)).squeeze(-1)
+    logp = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = torch.zeros_like(logp).masked_scatter(where, ent)
+    return logp, entropy
+
+
 # -- rollouts and updates ---------------------------------------------------------------------------------------
 
 
