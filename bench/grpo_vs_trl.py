@@ -41,8 +41,11 @@ in bench/results/grpo_vs_trl.png.
 TRL is an optional extra used only here: ``pip install -e '.[trl]'``.
 
     python bench/grpo_vs_trl.py [--steps 40] [--prompts 8] [--group 4] [--max-new-tokens 24] [--seeds 3] [--init RUN_DIR]
-    python bench/grpo_vs_trl.py --init runs/smollm2_256 --system-prompt-from configs/smollm2_grpo.toml \
-        --group 6 --prompts 4 --max-new-tokens 48 --lr 2e-6 --beta 0 --threads 2 ...
+
+SmolLM2-135M-Instruct at the GRPO preset's settings (configs/smollm2_grpo.toml; about 11 min a side on 2 threads):
+
+    python bench/grpo_vs_trl.py --init runs/smollm2_256 --system-prompt-from configs/smollm2_grpo.toml
+        --group 6 --prompts 4 --max-new-tokens 48 --temperature 1.0 --lr 2e-6 --beta 0 --steps 20 --seeds 1 --threads 2
 """
 
 from __future__ import annotations
