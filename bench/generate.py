@@ -22,6 +22,9 @@ runs after a warm-up. Results are appended to bench/results/generate.md.
 
 ``--run RUN`` benchmarks a run folder's model instead, e.g. a real checkpoint brought in with
 ``scalelab import`` (docs/real_models.md); the prompts are then its tokenizer's encoding of the corpus.
+``--gguf FILE ...`` adds llama.cpp (``llama-cpp-python``) rows at batch 1 for those GGUF files of the
+same model (the published Q4_1 file, or an f32/q8_0 conversion of the run's HF export), fed the same
+prompt token ids, greedy, on the same number of threads; its greedy tokens are compared with ours.
 """
 
 from __future__ import annotations
@@ -142,6 +145,23 @@ def best_times(fns: dict, repeats: int) -> dict:
     return best
 
 
+def llama_cpp_runner(path: str, prompt: list[int], threads: int, context: int):
+    """A function n -> the first n greedy tokens llama.cpp decodes after ``prompt``, re-reading the prompt each call."""
+    from llama_cpp import Llama  # optional: only the --gguf rows need llama-cpp-python
+
+    llm = Llama(model_path=path, n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(n):
+        out = []
+        for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(t)
+            if len(out) == n:
+                return out
+        raise AssertionError("llama.cpp stopped early")
+
+    return run
+
+
 def yes(ok: bool) -> str:
     return "yes" if ok else "NO"
 
@@ -168,6 +188,7 @@ def main() -> None:
     ap.add_argument("--qk-norm", action="store_true", help="export as Qwen3 instead of Llama")
     ap.add_argument("--no-hf-compile", action="store_true", help="skip HF's static cache + torch.compile rows")
     ap.add_argument("--run", default=None, help="benchmark this run folder's model (e.g. an imported checkpoint)")
+    ap.add_argument("--gguf", nargs="*", default=[], help="GGUF files of the same model: llama.cpp rows at batch 1")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "generate.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -245,6 +266,15 @@ def main() -> None:
     if not args.no_hf_compile:
         agree_hf_compiled = theirs(max_batch, compiled=True)(n_check)[:, args.prompt_len:].tolist() == hf_out
 
+    llama_cpp = {f"llama.cpp, {Path(g).name}": llama_cpp_runner(g, prompts[0], args.threads,
+                                                                  args.prompt_len + args.new_tokens + 8)
+                 for g in args.gguf}
+    # how many of the first n_check greedy tokens equal ours (quantized weights drift apart after a while)
+    llama_cpp_agree = {}
+    for name, run in llama_cpp.items():
+        theirs_tokens = run(n_check)
+        llama_cpp_agree[name] = next((i for i, (a, b) in enumerate(zip(theirs_tokens, mine)) if a != b), n_check)
+
     def mixed_ours(compile=False):
         engine = get_engine(max_batch, compile)
         reqs = [engine.submit(mixed_prompts[i], GenerationParams(**{**greedy.__dict__, "max_new_tokens": n}))
@@ -283,6 +313,8 @@ def main() -> None:
             paths["scalelab sample.generate"] = ours_sampler
         paths["scalelab Engine"] = ours_engine(batch)
         paths["scalelab Engine, compile=True"] = ours_engine(batch, compile=True)
+        if batch == 1:
+            paths.update(llama_cpp)
         fns = {(name, n): (lambda run=run, n=n: run(n)) for name, run in paths.items() for n in (1, N)}
         t = best_times(fns, args.repeats)
         r = {name: rates(t[name, 1], t[name, N], batch, N) for name in paths}
@@ -308,6 +340,7 @@ def main() -> None:
         f"same greedy tokens as HF ({n_check} new): batch 1 {yes(agree_b1)}, batch {max_batch} {yes(agree_bn)}, "
         f"batch {max_batch} compiled engine {yes(agree_compiled)}"
         + ("" if agree_hf_compiled is None else f", HF static cache + compile {yes(agree_hf_compiled)}"),
+        *[f"{name}: its first {agree} greedy tokens equal ours (of {n_check})" for name, agree in llama_cpp_agree.items()],
         "the CPU is shared with other jobs, so single numbers are noisy; compare rows of one run",
         f"a batch-{max_batch} decode step reads {weight_bytes / 1e6:.1f} MB of weights and {kv_bytes / 1e6:.1f} MB of "
         f"keys and values (mean span); host streaming read before the timings: {state_before}; after: {state_after}",
@@ -333,9 +366,10 @@ def main() -> None:
         f"| {t_theirs / t_compiled:.2f}× |",
     ]
     print("\n".join(lines))
-    append_results(args.results, lines[:5])
+    split = lines.index("")  # the bullet lines, then the tables
+    append_results(args.results, lines[:split])
     with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + "\n".join(lines[6:]) + "\n")
+        f.write("\n" + "\n".join(lines[split + 1:]) + "\n")
 
 
 if __name__ == "__main__":
