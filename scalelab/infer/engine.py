@@ -56,6 +56,7 @@ import torch
 
 from scalelab.errors import ScalelabError
 from scalelab.infer.cache import SlotKVCache, StaticDecode
+from scalelab.infer.head import OutputHead
 from scalelab.infer.request import (  # noqa: F401 (re-exported: callers import these from the engine)
     Completion, GenerationParams, QueueFull, QueueTimeout, Request, TokenEvent, safe_text_end)
 from scalelab.infer.sample import cut_at_stop, filter_logits
@@ -103,7 +104,8 @@ _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_l
 
 
 class _DecodeAllSlots(torch.nn.Module):
-    """What torch.compile sees: every shape is fixed by max_batch, but the key span.
+    """What torch.compile sees: every shape is fixed by max_batch, but the key span. It stops at the final
+    norm's hidden states; the engine applies the output layer.
 
     A module (not a function taking the model) so that freezing sees the weights as parameters.
     """
@@ -113,7 +115,7 @@ class _DecodeAllSlots(torch.nn.Module):
         self.model = model
 
     def forward(self, k, v, idx, pos, keys) -> torch.Tensor:
-        return self.model(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
+        return self.model.hidden_states(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
 
 
 # tokens per second is measured over this many recent seconds
@@ -153,6 +155,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._head = OutputHead(model.lm_head)
         self._compiled = None
         if compile:
             # isolated: other engines' graphs (other models, other max_batch) do not use up this one's limit
@@ -421,8 +424,9 @@ class Engine:
             idx[i, : len(r.prompt)] = torch.tensor(r.prompt)
         firsts = [slots[0] for _, slots in admitted]
         self.cache.begin_prefill(firsts, lengths)
-        logits = self.model(idx.to(self.device), cache=self.cache)
-        last = logits[torch.arange(len(reqs), device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
+        h = self.model.hidden_states(idx.to(self.device), cache=self.cache)
+        # the output layer on each prompt's last position only: all B x T logits cost more than the blocks
+        last = self._head(h[torch.arange(len(reqs), device=h.device), torch.tensor(lengths, device=h.device) - 1])
         seqs, rows = [], []
         for i, (r, slots) in enumerate(admitted):
             p = r.params
@@ -445,7 +449,7 @@ class Engine:
         if logits is None:
             self.cache.begin_decode([s.slot for s in seqs])
             idx = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
-            logits = self.model(idx, cache=self.cache)[:, -1]
+            logits = self._head(self.model.hidden_states(idx, cache=self.cache)[:, -1])
         self._sample_and_accept(seqs, logits)
 
     def _decode_static(self, seqs: list[_Seq]) -> torch.Tensor | None:
@@ -462,15 +466,18 @@ class Engine:
         try:
             # read when the graph compiles; torch.compile(options=...) does not pass freezing on (torch 2.13)
             with torch._inductor.config.patch(_INDUCTOR_OPTIONS):
-                logits = self._compiled(self.cache.k, self.cache.v, idx, pos, keys)
+                hidden = self._compiled(self.cache.k, self.cache.v, idx, pos, keys)
         except Exception as e:  # no C++ compiler, an unsupported op...: decode eagerly from now on
             warnings.warn(f"compiled decode failed, decoding eagerly instead: {type(e).__name__}: {e}")
             self._compiled = None
             return None
         self.cache.advance_slots(slots)
-        if len(slots) == self.max_batch:  # every slot decoding, in slot order: no rows to pick out
-            return logits
-        return logits[torch.tensor(slots, device=logits.device)]
+        if len(slots) < self.max_batch:  # free slots decoded a dummy token: no logits for them
+            hidden = hidden[torch.tensor(slots, device=hidden.device)]
+        # the output layer outside the graph: freezing prepacks fp32 weights for MKL, whose packed sgemm ran
+        # SmolLM2's 576 -> 49152 head 1.6x slower than oneDNN's layout (OutputHead) at batch 16 and 24, though
+        # 13% faster at batch 1 (bench/output_head.py); batches are what the engine is for
+        return self._head(hidden)
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()

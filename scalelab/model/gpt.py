@@ -284,7 +284,17 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored (masked positions, e.g. prompts in SFT).
         """
-        B, T = idx.shape
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, n_embd) that lm_head reads: the input of reward and value heads,
+        and of a decoder that applies the output layer to a few positions only."""
+        T = idx.shape[1]
         where, end = cache.positions(T) if cache is not None else (slice(0, T), T)
         if end > self.config.block_size:
             raise ScalelabError(
@@ -299,23 +309,7 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
-        )
-
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final-norm hidden states (B, T, n_embd) that lm_head reads: the input of reward and value heads."""
-        T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ScalelabError(f"sequence of {T} tokens is longer than the model's context of {self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.final_norm(x)
+        return x
 
     # -- accounting ---------------------------------------------------------------------------------
 
