@@ -60,6 +60,7 @@ from scalelab.infer.head import OutputHead
 from scalelab.infer.request import (  # noqa: F401 (re-exported: callers import these from the engine)
     Completion, GenerationParams, QueueFull, QueueTimeout, Request, TokenEvent, safe_text_end)
 from scalelab.infer.sample import cut_at_stop, filter_logits
+from scalelab.model.gpt import GPT
 
 
 def _sample_seed(seed: int, index: int) -> int:
@@ -110,12 +111,15 @@ class _DecodeAllSlots(torch.nn.Module):
     A module (not a function taking the model) so that freezing sees the weights as parameters.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, hidden_only: bool):
         super().__init__()
         self.model = model
+        self.hidden_only = hidden_only
 
     def forward(self, k, v, idx, pos, keys) -> torch.Tensor:
-        return self.model.hidden_states(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
+        if self.hidden_only:
+            return self.model.hidden_states(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
+        return self.model(idx, cache=StaticDecode(k, v, pos, keys))[:, -1]
 
 
 # tokens per second is measured over this many recent seconds
@@ -156,11 +160,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._head = OutputHead(model.lm_head)
+        # a model class that overrides forward may change the logits (a steered or instrumented model):
+        # then the engine calls forward and picks positions from its logits instead of applying the head itself
+        self._own_head = type(model).forward is GPT.forward
         self._compiled = None
         if compile:
             # isolated: other engines' graphs (other models, other max_batch) do not use up this one's limit
             self._compiled = torch.compile(
-                _DecodeAllSlots(self.model), dynamic=False, fullgraph=True, recompile_limit=4, isolate_recompiles=True,
+                _DecodeAllSlots(self.model, self._own_head), dynamic=False, fullgraph=True, recompile_limit=4, isolate_recompiles=True,
             )
 
     @property
@@ -424,9 +431,8 @@ class Engine:
             idx[i, : len(r.prompt)] = torch.tensor(r.prompt)
         firsts = [slots[0] for _, slots in admitted]
         self.cache.begin_prefill(firsts, lengths)
-        h = self.model.hidden_states(idx.to(self.device), cache=self.cache)
         # the output layer on each prompt's last position only: all B x T logits cost more than the blocks
-        last = self._head(h[torch.arange(len(reqs), device=h.device), torch.tensor(lengths, device=h.device) - 1])
+        last = self._forward(idx.to(self.device), self.cache, torch.tensor(lengths, device=self.device) - 1)
         seqs, rows = [], []
         for i, (r, slots) in enumerate(admitted):
             p = r.params
@@ -449,7 +455,7 @@ class Engine:
         if logits is None:
             self.cache.begin_decode([s.slot for s in seqs])
             idx = torch.tensor([[s.pending] for s in seqs], dtype=torch.long, device=self.device)
-            logits = self._head(self.model.hidden_states(idx, cache=self.cache)[:, -1])
+            logits = self._forward(idx, self.cache, torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         self._sample_and_accept(seqs, logits)
 
     def _decode_static(self, seqs: list[_Seq]) -> torch.Tensor | None:
@@ -477,7 +483,14 @@ class Engine:
         # the output layer outside the graph: freezing prepacks fp32 weights for MKL, whose packed sgemm ran
         # SmolLM2's 576 -> 49152 head 1.6x slower than oneDNN's layout (OutputHead) at batch 16 and 24, though
         # 13% faster at batch 1 (bench/output_head.py); batches are what the engine is for
-        return self._head(hidden)
+        return self._head(hidden) if self._own_head else hidden
+
+    def _forward(self, idx: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) at one position per row of ``idx``, with the cache updated for all of them."""
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        if self._own_head:
+            return self._head(self.model.hidden_states(idx, cache=cache)[rows, positions])
+        return self.model(idx, cache=cache)[rows, positions]
 
     def _sample_and_accept(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         logits = logits.float()
