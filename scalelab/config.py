@@ -58,6 +58,7 @@ class TokenizerConfig:
 
 
 OPTIMIZERS = ("adamw", "muon")
+MUON_NS_DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -86,6 +87,7 @@ class OptimConfig:
     muon_lr: float = 0.02  # peak Muon rate (torch's "original" shape adjustment on top)
     muon_momentum: float = 0.95  # Nesterov momentum of the Muon update
     muon_weight_decay: float = 0.0  # decoupled, as torch.optim.Muon applies it: p *= 1 - rate * decay
+    muon_ns_dtype: str = "auto"  # MUON_NS_DTYPES: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
 
 
 @dataclass
@@ -597,6 +599,7 @@ def optim_checks(o: OptimConfig, name: str) -> list[tuple[bool, str]]:
         (o.muon_lr > 0, f"{name}.muon_lr must be positive"),
         (0.0 <= o.muon_momentum < 1.0, f"{name}.muon_momentum must be in [0, 1)"),
         (o.muon_weight_decay >= 0, f"{name}.muon_weight_decay must be >= 0"),
+        (o.muon_ns_dtype in MUON_NS_DTYPES, f"{name}.muon_ns_dtype must be one of {', '.join(MUON_NS_DTYPES)}"),
     ]
 
 

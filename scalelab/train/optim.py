@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate
-# Muon's orthogonalisation and shape-adjusted rate, reused so that ShardedMuon computes exactly what
-# torch.optim.Muon does; only the gather around them is ours.
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+# Muon's shape-adjusted rate, reused so that ShardedMuon scales its steps exactly as torch.optim.Muon does.
+from torch.optim._muon import _adjust_lr
 
 from scalelab.config import OptimConfig
 
@@ -46,8 +46,9 @@ def build_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: 
         matrices, rest = [p for p in params if p.dim() == 2], [p for p in params if p.dim() != 2]
     if not matrices:
         return adamw([{"params": rest, "weight_decay": 0.0}])
+    ns_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.muon_ns_dtype]
     muon = ShardedMuon([{"params": matrices, "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
-                       momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+                       momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay, ns_dtype=ns_dtype)
     return MuonAdamW(adamw([{"params": rest, "weight_decay": 0.0}]), muon) if rest else muon
 
 
@@ -58,34 +59,90 @@ def _closure_loss(closure):
         return closure()
 
 
+def orthogonalize(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (the one torch.optim.Muon runs) on a stack of same-shape
+    matrices (n, rows, cols) at once, in ``dtype``; returns the stack in ``dtype``.
+
+    Ours rather than torch's per-matrix ``_zeropower_via_newtonschulz`` for two measured reasons
+    (bench/muon_step.py): torch always iterates in bfloat16, which on a CPU without bf16 matrix units is
+    slower than float32, and one batched matmul per shape replaces a Python loop of small matmuls."""
+    a, b, c = coefficients
+    x = updates.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrix is the smaller square
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def default_ns_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matrix units make it fast (CUDA, as torch.optim.Muon always does), float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class ShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon that also steps DTensor parameters (FSDP2, TP): the orthogonalisation needs the whole
-    matrix, so the momentum update is gathered (``full_tensor``), orthogonalised identically on every rank,
-    and each rank keeps its own shard of the result. The momentum buffer stays sharded like the parameter.
-    On plain tensors this is the same arithmetic as torch.optim.Muon's single-tensor path."""
+    """torch.optim.Muon, stepping same-shape matrices together, in a dtype that suits the device, and also
+    DTensor parameters (FSDP2, TP).
+
+    - The orthogonalisation needs the whole matrix, so a DTensor's momentum update is gathered
+      (``full_tensor``), orthogonalised identically on every rank, and each rank keeps its own shard of
+      the result. The momentum buffer stays sharded like the parameter.
+    - ``ns_dtype``: the Newton-Schulz dtype; None picks ``default_ns_dtype`` per device. With bfloat16 this
+      is torch.optim.Muon's arithmetic up to the order of the batched matmuls.
+    - At most ``stack_numel`` elements are orthogonalised in one stack, which bounds the extra memory
+      a gathered (FSDP) stack costs to about that many elements."""
+
+    def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, stack_numel: int = 1 << 24, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.ns_dtype, self.stack_numel = ns_dtype, stack_numel
+
+    def _stacks(self, updates: list[torch.Tensor]) -> list[list[int]]:
+        """Indices of ``updates`` grouped by shape and device, each group cut to at most stack_numel elements."""
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, u in enumerate(updates):
+            by_shape[(tuple(u.shape), u.device)].append(i)
+        stacks = []
+        for indices in by_shape.values():
+            per = max(1, self.stack_numel // updates[indices[0]].numel())
+            stacks += [indices[k:k + per] for k in range(0, len(indices), per)]
+        return stacks
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                full = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                if isinstance(update, DTensor):
-                    # Replicate -> the parameter's placements is a local slice: no communication.
-                    ortho = DTensor.from_local(ortho, update.device_mesh, [Replicate()] * update.device_mesh.ndim,
-                                               run_check=False).redistribute(update.device_mesh, update.placements)
-                p.mul_(1 - lr * decay)
-                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            for stack in self._stacks(updates):
+                chunk = [updates[i] for i in stack]
+                first = chunk[0]
+                dtype = self.ns_dtype or default_ns_dtype(first.device)
+                full = torch.stack([u.full_tensor() if isinstance(u, DTensor) else u for u in chunk])
+                ortho = orthogonalize(full, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                steps = []
+                for u, o in zip(chunk, ortho.unbind(0)):
+                    if isinstance(u, DTensor):
+                        # Replicate -> the parameter's placements is a local slice: no communication.
+                        o = DTensor.from_local(o, u.device_mesh, [Replicate()] * u.device_mesh.ndim,
+                                               run_check=False).redistribute(u.device_mesh, u.placements)
+                    steps.append(o.to(first.dtype))
+                targets = [params[i] for i in stack]
+                if decay:
+                    torch._foreach_mul_(targets, 1 - lr * decay)
+                torch._foreach_add_(targets, steps, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], first.shape))
         return loss
 
 
