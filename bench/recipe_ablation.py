@@ -10,7 +10,8 @@ every row alike):
 - ``classic``: a plain-PyTorch GPT written the nanoGPT way (GELU MLP, LayerNorm, learned positions, tied
   embeddings, AdamW at lr 1e-3 with beta2 0.99, warmup 100 and cosine to 1e-4) and its own training loop:
   the baseline every gain is measured against, and the per-step cost of a plain model of the same shape;
-- ``scalelab``: the task's config as it is (RoPE, RMSNorm, ReLU², QK-norm, AdamW, the config's schedule);
+- ``scalelab``: the task's config as it is (RoPE, RMSNorm, ReLU², QK-norm, the config's optimizer and schedule:
+  Muon for shakespeare, AdamW for world);
 - one row per recipe switch, each the ``scalelab`` row plus ``--set`` overrides (see ROWS).
 
 The target: ``--target`` (shakespeare default 1.886, nanoGPT's val loss after 2,000 steps; world default: the
@@ -58,12 +59,18 @@ SHAKESPEARE_TARGET = 1.886  # nanoGPT's own val loss after 2,000 iterations of i
 
 # Recipe switches: name -> overrides on top of the task's config. "classic" and "scalelab" are built in.
 ROWS: dict[str, list[str]] = {
+    # configs/shakespeare_char.toml defaults to Muon since 2026-12-06: this row is its AdamW recipe
+    "adamw": ["train.optim.name=adamw"],
     "muon": ["train.optim.name=muon"],
     "muon_no_qk_norm": ["train.optim.name=muon", "model.qk_norm=false"],
     "muon_gelu": ["train.optim.name=muon", 'model.mlp="gelu"'],
     "muon_cosine": ["train.optim.name=muon", 'train.optim.schedule="cosine"', "train.optim.min_lr_ratio=0.0"],
+    # the whole WSD schedule in 400 steps: Muon's fewer steps spent as a shorter run, not an early stop
+    "muon_400": ["train.optim.name=muon", "train.steps=400"],
+    # about the scalelab row's 2,000-step wall time on CPU, where a Muon step costs ~1.3x an AdamW one
+    "muon_1500": ["train.optim.name=muon", "train.steps=1500"],
 }
-DEFAULT_ROWS = ["classic", "scalelab", "muon", "muon_no_qk_norm", "muon_gelu"]
+DEFAULT_ROWS = ["classic", "scalelab", "adamw", "muon", "muon_no_qk_norm", "muon_gelu"]
 
 # --quick: the same recipes on budgets that finish in minutes on a shared 2-core host.
 QUICK = {

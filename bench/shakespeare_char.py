@@ -33,7 +33,7 @@ def main() -> int:
     from scalelab.runtime import seed_everything
     from results_file import append_results
     from scalelab.tokenizer import CharTokenizer
-    from scalelab.train.optim import build_optimizer, lr_at
+    from scalelab.train.optim import build_optimizer, lr_at, set_lr
     from scalelab.train.trainer import evaluate_loss
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,8 +66,7 @@ def main() -> int:
     train_time = 0.0
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, t.optim, t.steps)
+        set_lr(opt, lr_at(step - 1, t.optim, t.steps))  # each group's lr_scale (Muon's rate) rides on it
         x, y = loader.next_batch()
         loss = model(x, y)
         loss.backward()
@@ -88,7 +87,8 @@ def main() -> int:
     lines = [
         f"model: {c.depth} layers, width {c.n_embd}, {c.n_head} heads, mlp {c.mlp}, qk_norm {c.qk_norm}, "
         f"{model.num_params():,} parameters, vocab {c.vocab_size}",
-        f"budget: {t.steps} steps of {t.batch_size} x {c.block_size} tokens; lr {t.lr}, {t.schedule} schedule, warmup {t.warmup_steps}",
+        f"budget: {t.steps} steps of {t.batch_size} x {c.block_size} tokens; optimizer {t.optim.name}, lr {t.optim.lr}"
+        f"{f' (Muon {t.optim.muon_lr})' if t.optim.name == 'muon' else ''}, {t.optim.schedule} schedule, warmup {t.optim.warmup_steps}",
         f"val loss measured every {args.eval_every} steps on the whole validation split ({len(val_ids):,} chars)",
         (f"reached val loss {TARGET} at step {reached_at} after {reached_time:.0f} s of training"
          if reached_at else f"did not reach val loss {TARGET} within {t.steps} steps"),
