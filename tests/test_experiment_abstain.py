@@ -17,6 +17,7 @@ from scalelab.data.world import World, WorldConfig
 from scalelab.errors import ScalelabError
 from scalelab.evals.answer_scorer import generate_pairs, train_scorer
 from scalelab.experiments import abstain as ab
+from scalelab.experiments import abstain_worlds as aw
 from scalelab.posttrain.grpo import GRPOTrainer, group_advantages
 from scalelab.tokenizer import ByteTokenizer
 from scalelab import checkpoint as ckpt
@@ -198,3 +199,43 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     base = _base_run(tmp_path / "known_only")
     World(WorldConfig(n_people=18, bios_per_person=1, extra_tasks={})).save(base / "world.json")
     assert "unknown people" in err(f'abstain.base_run="{base}"')
+
+
+def _world_result(seed: int, a: tuple[float, float], headline: tuple[float, float], selected="c[b, abstain=0]") -> dict:
+    """A hand-made results.json: (known accuracy, unknown hallucination) for (a) and the headline."""
+    def cond(known, halluc):
+        return {"known_accuracy": known, "unknown_abstain": 1 - halluc, "unknown_hallucination": halluc}
+    return {"selected": selected, "world": {"seed": seed},
+            "conditions": {"a": cond(*a), "b": cond(0.8, 0.3), "c[b, abstain=0]": cond(*headline)}}
+
+
+def test_abstain_worlds_summary_by_hand(tmp_path, capsys):
+    results = {"w3": _world_result(3, (0.90, 0.96), (0.86, 0.40)),   # met: 0.86 >= 0.85, 0.40 <= 0.48
+               "w4": _world_result(4, (0.90, 0.96), (0.84, 0.40)),   # missed on known accuracy
+               "w5": _world_result(5, (0.80, 0.90), (0.80, 0.46))}   # missed on hallucination (bar 0.45)
+    s = aw.summarize_worlds(results, need=2)
+    assert [w["meets_target"] for w in s["per_world"].values()] == [True, False, False]
+    assert (s["worlds_met"], s["claim_holds"]) == (1, False)
+    m = s["conditions"]["c[b, abstain=0]"]["known_accuracy"]
+    assert m["mean"] == pytest.approx(0.8333333) and m["std"] == pytest.approx(0.0305505, abs=1e-6)
+    assert s["conditions"]["b"]["unknown_hallucination"]["std"] == 0.0
+    assert aw.summarize_worlds(results, need=1)["claim_holds"]
+    with pytest.raises(ScalelabError, match="different headline"):
+        aw.summarize_worlds({**results, "w6": _world_result(6, (0.9, 0.9), (0.9, 0.1), selected="c[b, abstain=-0.8]")}, 2)
+    # through the CLI: files written, 4-of-5 style default (ceil(0.8 * 3) = 3 worlds needed)
+    folders = []
+    for name, r in results.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+        folders.append(str(tmp_path / name))
+    out = tmp_path / "summary"
+    assert main(["experiments", "abstain-worlds", "--runs", *folders, "--out", str(out)]) == 0
+    assert "the claim **does not hold**" in capsys.readouterr().out
+    md = (out / "results.md").read_text()
+    assert "on 1 of 3 worlds (the claim needs 3)" in md and "**does not hold**" in md
+    assert (out / "abstain_worlds.png").stat().st_size > 1000
+    # bad input: a folder without results, or an impossible --need, is a one-line error
+    assert main(["experiments", "abstain-worlds", "--runs", str(tmp_path / "nope")]) == 2
+    assert "results.json not found" in capsys.readouterr().err
+    assert main(["experiments", "abstain-worlds", "--runs", *folders, "--need", "4"]) == 2
+    assert "--need" in capsys.readouterr().err

@@ -12,6 +12,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     # name: (module holding the study's STUDY, help)
     "abstain": ("scalelab.experiments.abstain",
                 "abstention: known vs unknown people, SFT with/without 'I don't know', RL with an abstain reward"),
+    "abstain-worlds": ("scalelab.experiments.abstain_worlds",
+                       "the abstention study across world seeds: mean ± std, and the headline's target per world (--runs)"),
     "distill": ("scalelab.experiments.distill",
                 "distillation copies the teacher's knowledge gaps (4 groups of people); RL with the abstain reward repairs"),
     "flan": ("scalelab.experiments.flan",
@@ -40,6 +42,9 @@ def register(sub, add_config_args) -> dict:
     add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="delete the experiment's output folder first")
     p.add_argument("--n", type=int, default=100, help="emergence: examples per task and run")
+    p.add_argument("--runs", nargs="+", help="abstain-worlds: finished abstention folders, one per world")
+    p.add_argument("--out", help="abstain-worlds: output folder (default runs/abstain_worlds)")
+    p.add_argument("--need", type=int, default=0, help="abstain-worlds: worlds that must meet the target (default 4 of 5)")
     return {"experiments": _run}
 
 
@@ -48,7 +53,7 @@ def _run(args) -> None:
     import importlib
 
     module = importlib.import_module(ACTIONS[args.action][0])
-    if args.action == "emergence":  # a study over an existing sweep's runs: it takes the sweep's config and --n
+    if args.action in ("emergence", "abstain-worlds"):  # studies over finished runs: no stage of their own
         module.run_cli(args)
     else:
         module.STUDY.main(args.config, args.overrides, overwrite=args.overwrite)
