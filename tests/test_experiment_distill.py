@@ -7,13 +7,16 @@ import json
 from dataclasses import replace
 
 import pytest
-from posttrain_util import one_thread  # noqa: F401 (fixture)
+import torch
+import torch.nn.functional as F
+from posttrain_util import one_thread, tiny_model  # noqa: F401 (fixture)
 
 from scalelab.cli import main
 from scalelab.config import load_config_with_section
 from scalelab.data.world import World, WorldConfig
 from scalelab.errors import ScalelabError
 from scalelab.experiments import distill as ds
+from scalelab.posttrain.sft import token_distill_loss
 
 
 def test_unknown_window_moves_with_the_offset():
@@ -123,9 +126,51 @@ def test_bad_input_fails_with_the_key(tmp_path, capsys):
     world = ["data.world.unknown_fraction=0.5"]
     assert "unknown_fraction > 0" in err("train.steps=1")  # the default world knows everyone
     assert "distill.seeds" in err(*world, "distill.seeds=[]")
+    assert "distill.kl_temperature" in err(*world, "distill.kl_temperature=0")
     assert "distill.student_offset" in err(*world, "distill.student_offset=0.6")
     assert "distill.student_offset" in err(*world, "distill.student_offset=0.0")
     assert "distill.teacher_sft_fraction" in err(*world, "distill.rl_fraction=0.5")
     assert "wrong_reward < abstain_reward" in err(*world, "distill.abstain_reward=2.0")
     assert "unknown config key 'distill.nope'" in err("distill.nope=1")
     assert "at least 4" in err(*TINY, "data.world.n_people=8", f'distill.out_dir="{tmp_path / "y"}"')
+
+
+def test_token_distill_loss_by_hand():
+    student, teacher = tiny_model(40, seed=0), tiny_model(40, seed=1)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(ids)
+    mask[0, 4:], mask[1, 6:] = 1, 1  # targets at positions 4.. and 6..: 5 + 3 = 8 scored next-token predictions
+    assert float(token_distill_loss(student, ids, mask, teacher=student).detach()) == pytest.approx(0.0, abs=1e-6)
+    for temp in (1.0, 2.0):
+        with torch.no_grad():
+            s_log = F.log_softmax(student(ids[:, :-1]) / temp, -1)
+            t_log = F.log_softmax(teacher(ids[:, :-1]) / temp, -1)
+        keep = mask[:, 1:].bool()
+        by_hand = (t_log.exp() * (t_log - s_log)).sum(-1)[keep].mean() * temp ** 2
+        assert keep.sum() == 8
+        loss = token_distill_loss(student, ids, mask, teacher=teacher, temperature=temp)
+        assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_tiny_study_token_level(tmp_path):
+    """With distill.token_level the student pretrains on the teacher's BPE tokenizer (trained on the teacher's
+    corpus) and a fifth student is distilled on the teacher's next-token distributions."""
+    out = tmp_path / "distill"
+    sets = [x for x in TINY if not x.startswith("tokenizer.")] + [
+        'tokenizer.kind="bpe"', "tokenizer.vocab_size=300", f'distill.out_dir="{out}"', "distill.seeds=[0]",
+        "distill.token_level=true", "distill.kl_temperature=2.0"]
+    cfg, d = load_config_with_section(None, sets, "distill", ds.DistillConfig)
+    result = ds.run_distill(cfg, d, log=lambda *_: None)
+    seed = result["seeds"][0]
+    assert list(seed["models"]) == ["teacher", "student_base", "student_sft", "distilled", ds.TOKEN_MODEL, "repaired"]
+    assert ds.TOKEN_MODEL in seed["sft_final_loss"] and "distill_kl" in seed["timings_seconds"]
+    vocab = {who: (out / "base" / f"seed0_{who}" / "tokenizer").iterdir() for who in ("teacher", "student")}
+    files = {who: {f.name: f.read_bytes() for f in fs} for who, fs in vocab.items()}
+    assert files["teacher"] == files["student"]
+    assert {"kl_hallucination_up_on_teacher_only", "kl_abstention_up_on_student_only"} <= set(result["claim"])
+    md = (out / "results.md").read_text()
+    assert "student distilled token by token" in md and "After token-level distillation" in md
+    assert (out / "seed0" / "distill_kl.jsonl").stat().st_size > 0

@@ -42,7 +42,7 @@ from scalelab.pipeline import pretrain
 from scalelab.posttrain import common
 from scalelab.posttrain.data import pad_rows
 from scalelab.posttrain.grpo import trainer_from_config
-from scalelab.posttrain.sft import sft_on_batches
+from scalelab.posttrain.sft import sft_loss, sft_on_batches
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 
@@ -207,8 +207,9 @@ def qa_reply(tok, reply: str) -> list[int]:
 # -- stages -----------------------------------------------------------------------------------------------------
 
 
-def sft(base, tok, records: list[dict], stage: SFTConfig, train_cfg, seed: int, log_path: Path):
-    """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss)."""
+def sft(base, tok, records: list[dict], stage: SFTConfig, train_cfg, seed: int, log_path: Path, loss_fn=sft_loss):
+    """A copy of the base model tuned on ``records`` (assistant tokens only); returns (model, final loss).
+    ``loss_fn``: cross-entropy on the replies by default (see sft_on_batches)."""
     rows = []
     for r in records:
         p, y = qa_prompt(tok, r["question"]), qa_reply(tok, r["reply"])
@@ -221,7 +222,7 @@ def sft(base, tok, records: list[dict], stage: SFTConfig, train_cfg, seed: int, 
         idx = next(batches)
         return ids[idx], mask[idx]
 
-    model, losses = sft_on_batches(base, batch, tcfg, log_path, "sft")
+    model, losses = sft_on_batches(base, batch, tcfg, log_path, "sft", loss_fn)
     return model, losses[-1]
 
 

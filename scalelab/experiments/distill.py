@@ -31,6 +31,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from scalelab.config import Config
@@ -40,12 +41,14 @@ from scalelab.experiments import abstain as ab
 from scalelab.experiments.base_run import ensure_base, open_study_folder
 from scalelab.experiments.study import Study
 from scalelab.posttrain import common
+from scalelab.posttrain.sft import token_distill_loss
 from scalelab.run import Run
 from scalelab.runtime import resolve_device, seed_everything
 
 GROUPS = ("both", "teacher_only", "student_only", "neither")
 SPLITS = ("teacher_sft", "distill", "rl", "eval")
 MODELS = ("teacher", "student_base", "student_sft", "distilled", "repaired")
+TOKEN_MODEL = "distilled_kl"  # with distill.token_level: the student distilled on the teacher's token distributions
 METRICS = (("accuracy", "correct"), ("abstention", "abstain"), ("hallucination", "wrong"))
 
 
@@ -67,6 +70,11 @@ class DistillConfig:
     abstain_reward: float = 0.0
     wrong_reward: float = -1.0
     max_eval: int = 0  # evaluation questions per group and seed (0: all)
+    # also distil token by token: KL to the teacher's next-token distributions over its sampled answers (on the
+    # same questions as the sequence-level student). That needs one vocabulary, so the student then pretrains
+    # with the teacher's tokenizer, which changes every student model of the study, not only this one.
+    token_level: bool = False
+    kl_temperature: float = 1.0  # both distributions softened by it; the loss is scaled by its square
 
 
 def validate(d: DistillConfig, cfg: Config) -> None:
@@ -86,6 +94,7 @@ def validate(d: DistillConfig, cfg: Config) -> None:
         (d.wrong_reward < d.abstain_reward < d.correct_reward,
          "distill rewards must order wrong_reward < abstain_reward < correct_reward"),
         (d.max_eval >= 0, "distill.max_eval must be >= 0"),
+        (d.kl_temperature > 0, "distill.kl_temperature must be > 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -168,6 +177,8 @@ def run_seed(cfg: Config, d: DistillConfig, seed: int, out: Path, log=print) -> 
     t = time.perf_counter()
     cfg_t, cfg_s = model_configs(cfg, d, seed)
     run_t = Run.open(ensure_base(cfg_t, out / "base" / f"seed{seed}_teacher"))
+    if d.token_level:  # one vocabulary for both: the student reads its corpus with the teacher's tokenizer
+        cfg_s = replace(cfg_s, tokenizer=replace(cfg_s.tokenizer, path=str(run_t.tokenizer_dir.resolve())))
     run_s = Run.open(ensure_base(cfg_s, out / "base" / f"seed{seed}_student"))
     timings["pretrain"] = time.perf_counter() - t
     stage_seed = cfg_t.run.seed
@@ -211,10 +222,22 @@ def run_seed(cfg: Config, d: DistillConfig, seed: int, out: Path, log=print) -> 
     by_group = {pid: g for g in GROUPS for pid in split[g]["distill"]}
     teacher_data = {g: ab.rates([ab.classify_answer(a, q["answer"]) for a, q in zip(answers, questions)
                                  if by_group[q["person"]] == g]) for g in GROUPS}
-    distilled, loss_d = ab.sft(student_base, tok_s, [{"question": q["question"], "reply": a} for q, a in zip(questions, answers)],
-                               cfg.sft, cfg.train, stage_seed, folder / "distill_sft.jsonl")
+    distill_records = [{"question": q["question"], "reply": a} for q, a in zip(questions, answers)]
+    distilled, loss_d = ab.sft(student_base, tok_s, distill_records, cfg.sft, cfg.train, stage_seed,
+                               folder / "distill_sft.jsonl")
     timings["distill"] = time.perf_counter() - t
     record("distilled", distilled, tok_s)
+    losses = {"teacher": loss_t, "student_sft": loss_s, "distilled": loss_d}
+    if d.token_level:
+        if tok_s.encode("Question: a probe, 0123") != tok_t.encode("Question: a probe, 0123"):
+            raise ScalelabError("token-level distillation needs the teacher's tokenizer in the student's base; "
+                                f"{run_s.path} was pretrained with another one")
+        t = time.perf_counter()
+        kd = partial(token_distill_loss, teacher=teacher, temperature=d.kl_temperature)
+        distilled_kl, losses[TOKEN_MODEL] = ab.sft(student_base, tok_s, distill_records, cfg.sft, cfg.train, stage_seed,
+                                                   folder / "distill_kl.jsonl", loss_fn=kd)
+        timings["distill_kl"] = time.perf_counter() - t
+        record(TOKEN_MODEL, distilled_kl, tok_s)
 
     t = time.perf_counter()
     rewards = ab.AbstainConfig(correct_reward=d.correct_reward, wrong_reward=d.wrong_reward)
@@ -225,7 +248,7 @@ def run_seed(cfg: Config, d: DistillConfig, seed: int, out: Path, log=print) -> 
     return {"seed": seed, "world_seed": world_t.cfg.seed, "run_seed": stage_seed,
             "people": {g: {k: len(v) for k, v in split[g].items()} for g in GROUPS},
             "models": models, "teacher_distill_answers": teacher_data,
-            "sft_final_loss": {"teacher": loss_t, "student_sft": loss_s, "distilled": loss_d},
+            "sft_final_loss": losses,
             "rl_reward_first": history[0]["reward"] if history else None,
             "rl_reward_last": history[-1]["reward"] if history else None,
             "teacher_run": str(run_t.path), "student_run": str(run_s.path), "timings_seconds": timings}
@@ -239,10 +262,15 @@ def mean_std(values: list[float]) -> dict:
             "values": values}
 
 
+def models_of(per_seed: list[dict]) -> list[str]:
+    """The models every seed evaluated, in the order they were trained (MODELS, and TOKEN_MODEL when built)."""
+    return [m for m in per_seed[0]["models"] if all(m in r["models"] for r in per_seed)]
+
+
 def aggregate(per_seed: list[dict]) -> dict:
     """{model: {group: {metric: {mean, std, values}}}} over seeds (std: sample std, 0 for one seed)."""
     return {m: {g: {k: mean_std([r["models"][m][g][k] for r in per_seed]) for k, _ in METRICS} for g in GROUPS}
-            for m in MODELS}
+            for m in models_of(per_seed)}
 
 
 def claim(per_seed: list[dict]) -> dict:
@@ -253,6 +281,9 @@ def claim(per_seed: list[dict]) -> dict:
         "rl_cuts_hallucination_on_teacher_only": ("teacher_only", "hallucination", "repaired", "distilled"),
         "rl_cuts_abstention_on_student_only": ("student_only", "abstention", "repaired", "distilled"),
     }
+    if TOKEN_MODEL in models_of(per_seed):  # the same two predictions for the token-level student
+        tests |= {"kl_hallucination_up_on_teacher_only": ("teacher_only", "hallucination", "student_sft", TOKEN_MODEL),
+                  "kl_abstention_up_on_student_only": ("student_only", "abstention", "student_sft", TOKEN_MODEL)}
     out = {}
     for name, (g, k, low, high) in tests.items():
         diffs = [r["models"][high][g][k] - r["models"][low][g][k] for r in per_seed]
@@ -284,7 +315,7 @@ def run_distill(cfg: Config, d: DistillConfig, overwrite: bool = False, log=prin
 
 LABELS = {"teacher": "teacher (abstention SFT)", "student_base": "student base (no tuning)",
           "student_sft": "student, own abstention SFT (before)", "distilled": "student distilled from teacher",
-          "repaired": "distilled + RL repair"}
+          "repaired": "distilled + RL repair", TOKEN_MODEL: "student distilled token by token (KL to the teacher)"}
 
 
 def _cell(x: dict) -> str:
@@ -300,11 +331,16 @@ def claim_sentence(c: dict) -> str:
             return f"held on the mean only ({x['mean_difference']:+.3f}; {x['seeds_holding']}/{x['n_seeds']} seeds)"
         return f"did not hold ({x['mean_difference']:+.3f}; {x['seeds_holding']}/{x['n_seeds']} seeds)"
 
-    return (f"After distillation, the rise in hallucination on teacher-only people "
+    text = (f"After distillation, the rise in hallucination on teacher-only people "
             f"{status(c['hallucination_up_on_teacher_only'])} and the rise in abstention on student-only people "
             f"{status(c['abstention_up_on_student_only'])}. RL's cut of that hallucination "
             f"{status(c['rl_cuts_hallucination_on_teacher_only'])} and its cut of that abstention "
             f"{status(c['rl_cuts_abstention_on_student_only'])}.")
+    if "kl_hallucination_up_on_teacher_only" in c:
+        text += (f" After token-level distillation, the rise in hallucination on teacher-only people "
+                 f"{status(c['kl_hallucination_up_on_teacher_only'])} and the rise in abstention on student-only "
+                 f"people {status(c['kl_abstention_up_on_student_only'])}.")
+    return text
 
 
 def results_markdown(result: dict) -> str:
@@ -319,7 +355,7 @@ def results_markdown(result: dict) -> str:
              f"\"I don't know\" {d['abstain_reward']:g}, wrong {d['wrong_reward']:g}.", ""]
     for g in GROUPS:
         lines += [f"## {g} people", "", "| model | accuracy | abstention | hallucination |", "|---|---|---|---|"]
-        for m in MODELS:
+        for m in agg:
             lines.append(f"| {LABELS[m]} | " + " | ".join(_cell(agg[m][g][k]) for k, _ in METRICS) + " |")
         lines.append("")
     lines += ["## The teacher's distillation answers (sampled), by group", "",
@@ -340,14 +376,15 @@ def results_markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     agg = result["aggregate"]
+    models = list(agg)
     fig, axes = plt.subplots(1, len(GROUPS), figsize=(16, 4.5), sharey=True)
     w = 0.27
-    x = range(len(MODELS))
+    x = range(len(models))
     for ax, g in zip(axes, GROUPS):
         for k, (key, _) in enumerate(METRICS):
-            ax.bar([i + (k - 1) * w for i in x], [agg[m][g][key]["mean"] for m in MODELS], w,
-                   yerr=[agg[m][g][key]["std"] for m in MODELS], capsize=2, label=key)
-        ax.set_xticks(list(x), [m.replace("_", "\n") for m in MODELS], fontsize=8)
+            ax.bar([i + (k - 1) * w for i in x], [agg[m][g][key]["mean"] for m in models], w,
+                   yerr=[agg[m][g][key]["std"] for m in models], capsize=2, label=key)
+        ax.set_xticks(list(x), [m.replace("_", "\n") for m in models], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{g.replace('_', '-')} people")
     axes[0].set_ylabel(f"rate on held-out questions (mean ± std, {len(result['seeds'])} seeds)")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from scalelab.config import Config, TrainConfig
 from scalelab.errors import ScalelabError
@@ -35,16 +36,32 @@ def sft_loss(model: GPT, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(x, y)
 
 
-def sft_on_batches(init: GPT, batch_fn, tcfg: TrainConfig, log_path: Path, desc: str) -> tuple[GPT, list[float]]:
+def token_distill_loss(model: GPT, ids: torch.Tensor, mask: torch.Tensor, teacher: GPT,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Token-level distillation ("logit distillation"): KL(teacher || model) between the next-token distributions
+    at the positions whose target ``mask`` marks, averaged over those positions. Both distributions are softened
+    by ``temperature`` and the loss is scaled by its square, so the gradient keeps its size as the temperature
+    changes (Hinton et al. 2015). The two models must share a vocabulary; the teacher gets no gradient."""
+    x, keep = ids[:, :-1], mask[:, 1:].bool()
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x)[keep].float() / temperature, dim=-1)
+    log_probs = F.log_softmax(model(x)[keep].float() / temperature, dim=-1)
+    return F.kl_div(log_probs, target, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def sft_on_batches(init: GPT, batch_fn, tcfg: TrainConfig, log_path: Path, desc: str,
+                   loss_fn=sft_loss) -> tuple[GPT, list[float]]:
     """A copy of ``init`` trained for ``tcfg.steps`` steps on ``batch_fn(step) -> (ids, mask)``, the loss on the
-    tokens ``mask`` marks; logged to ``log_path``. (The copy in eval mode, its losses.) A study's SFT condition."""
+    tokens ``mask`` marks; logged to ``log_path``. (The copy in eval mode, its losses.) A study's SFT condition.
+    ``loss_fn(model, ids, mask)``: next-token cross-entropy by default; token_distill_loss (with its teacher
+    bound) distils instead."""
     model = copy.deepcopy(init).train()
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, tcfg.optim)
 
     def step_fn(step):
         ids, mask = batch_fn(step)
-        return sft_loss(model, ids.to(device), mask.to(device)), {}
+        return loss_fn(model, ids.to(device), mask.to(device)), {}
 
     logger = MetricsLogger(log_path)
     losses, _ = common.run_steps(model.parameters(), optimizer, tcfg, step_fn, None, 1, logger, device, desc, False)
