@@ -101,13 +101,15 @@ def plot_worlds(s: dict, path: Path) -> None:
         a, h = wd["a"], wd["headline"]
         ax2.annotate("", xy=(h["unknown_hallucination"], h["known_accuracy"]),
                      xytext=(a["unknown_hallucination"], a["known_accuracy"]), arrowprops={"arrowstyle": "->", "alpha": 0.6})
+        ax2.plot(a["unknown_hallucination"], a["known_accuracy"], "s", color="grey", ms=5)
         ax2.plot(wd["bar_hallucination"], wd["bar_known_accuracy"], "k+", ms=8)
         ax2.plot(h["unknown_hallucination"], h["known_accuracy"], "o" if wd["meets_target"] else "x", ms=7,
                  label=f"world {wd['world_seed']}: {'met' if wd['meets_target'] else 'missed'}")
     ax2.set_xlabel("hallucination on unknown people")
     ax2.set_ylabel("accuracy on known people")
     ax2.set_xlim(0, 1.05)
-    ax2.set_title("(a) -> headline per world; + marks the target's corner")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("(a) (grey square) -> headline per world; + marks the target's corner")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
