@@ -1,4 +1,5 @@
-"""The decode benchmarks' own inputs: option overrides and the byte count they report."""
+"""The benchmarks' own inputs and bookkeeping: decode option overrides, the byte count they report, and the
+throughput bench's time breakdown."""
 
 import subprocess
 import sys
@@ -10,7 +11,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import compiled_decode_ab  # noqa: E402
+import pretrain_throughput  # noqa: E402
 from generate import decode_step_bytes, random_model  # noqa: E402
+from scalelab.model.gpt import GPTConfig  # noqa: E402
 
 
 def test_option_overrides_parse_and_bad_ones_fail_in_one_line():
@@ -33,3 +36,14 @@ def test_decode_step_bytes_counts_every_matrix_but_the_embedding():
     assert weights == 4 * (model.num_params() - sum(p.numel() for n, p in model.named_parameters()
                                                     if p.dim() == 1 or n == "embed.weight"))
     assert kv == 2 * c.depth * 3 * c.n_kv_head * c.head_dim * 4 * 5
+
+
+def test_throughput_breakdown_counts_the_matrix_products_flops():
+    cfg = GPTConfig(vocab_size=64, block_size=16, depth=1, n_embd=32, n_head=2)
+    tok_s, model, split = pretrain_throughput.train_throughput(cfg, batch=2, steps=2, warmup=1, breakdown=True)
+    assert tok_s > 0 and set(split["seconds"]) == {"matmul", "attention", "optimizer", "other"}
+    assert split["seconds"]["matmul"] > 0
+    # every linear layer's forward product and its two backward ones, over 2 x 16 tokens: 6 FLOPs per weight and
+    # token (the embedding is a lookup, not a product); attention's own products run inside SDPA's kernel
+    linear_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight")
+    assert split["matmul_flops"] == pytest.approx(6 * linear_params * 2 * 16, rel=0.01)
