@@ -71,6 +71,8 @@ ROWS: dict[str, list[str]] = {
     "muon_1500": ["train.optim.name=muon", "train.steps=1500"],
     # the world task's full budget is the demo's 450 steps: its whole schedule in 60% of them (the target)
     "muon_270": ["train.optim.name=muon", "train.steps=270"],
+    # the same at twice Muon's default peak rate: a short schedule may want a larger step
+    "muon_270_lr04": ["train.optim.name=muon", "train.steps=270", "train.optim.muon_lr=0.04"],
 }
 DEFAULT_ROWS = ["classic", "scalelab", "adamw", "muon", "muon_no_qk_norm", "muon_gelu"]
 
