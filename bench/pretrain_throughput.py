@@ -9,6 +9,12 @@ GPT.flops_per_token) times tokens/s. Results are appended to bench/results/pretr
 
     python bench/pretrain_throughput.py [--depth 4] [--batch 16] [--steps 10] [--compile] [--profile]
 
+--variants runs several versions of the compiled step side by side: each is built and warmed up once, then
+--rounds interleaved rounds time every variant after a fresh peak measurement, so a drifting host moves
+all of them alike. A variant is "default" or knobs joined by "+" (VARIANT_KNOBS below), for example
+``--compile --variants default,sdpa_math,cpp_wrapper+fused_adamw --rounds 5``. It prints each variant's
+fraction of peak per round and its step time relative to the first variant in the same round.
+
 --profile adds where a step's time goes (torch.profiler, self CPU time): the matrix products and the
 FLOP/s they reach on their own, attention, the optimizer and the rest, and the fraction of peak the step
 would reach if everything but the matrix products cost nothing, which bounds what fusing can win.
@@ -17,10 +23,14 @@ would reach if everything but the matrix products cost nothing, which bounds wha
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
 from scalelab.model.gpt import GPT, GPTConfig
@@ -62,30 +72,95 @@ def step_breakdown(step_fn, steps: int = 3) -> dict:
     return {"seconds": split, "matmul_flops": matmul_flops}
 
 
-def train_throughput(cfg: GPTConfig, batch: int, steps: int, warmup: int = 3, compile: bool = False,
-                     breakdown: bool = False) -> tuple[float, GPT, dict | None]:
+# Knobs a --variants entry can turn on. Inductor's are code-generation choices, so they only need to hold
+# while the step is first run (compiled); the SDPA backend is chosen on every call.
+VARIANT_KNOBS = {
+    "sdpa_math": "attention as plain matrix products and softmax (SDPA's math backend) instead of CPU flash",
+    "fused_adamw": "torch.optim.AdamW(fused=True), one kernel per parameter group",
+    "cpp_wrapper": "inductor's C++ wrapper: the compiled graph calls its kernels from C++, not Python",
+    "max_autotune": "inductor max-autotune, its C++ GEMM templates competing with ATen's",
+}
+
+
+def parse_variant(name: str) -> set[str]:
+    knobs = set() if name == "default" else set(name.split("+"))
+    unknown = knobs - set(VARIANT_KNOBS)
+    if unknown:
+        raise SystemExit(f"unknown variant knob(s) {sorted(unknown)}; knobs: default, {', '.join(VARIANT_KNOBS)}")
+    return knobs
+
+
+def build_step(cfg: GPTConfig, batch: int, compile: bool = False, knobs: frozenset[str] = frozenset(),
+               warmup: int = 3):
+    """A full training step (forward, backward, AdamW) on random tokens, run ``warmup`` times."""
     torch.manual_seed(0)
     model = GPT(cfg)
     step_model = torch.compile(model) if compile else model
-    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.95),
+                            fused=True if "fused_adamw" in knobs else None)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    backend = SDPBackend.MATH if "sdpa_math" in knobs else None
 
     def step():
-        loss = step_model(x, y)
-        loss.backward()
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            loss = step_model(x, y)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    codegen = {"cpp_wrapper": "cpp_wrapper" in knobs, "max_autotune": "max_autotune" in knobs}
+    if codegen["max_autotune"]:
+        codegen["max_autotune_gemm_backends"] = "CPP,ATEN"
+    with inductor_config.patch(codegen):
+        for _ in range(warmup):
+            step()
+    return model, step
+
+
+def median_step_seconds(step, steps: int) -> float:
     times = []
-    for i in range(warmup + steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def train_throughput(cfg: GPTConfig, batch: int, steps: int, warmup: int = 3, compile: bool = False,
+                     breakdown: bool = False) -> tuple[float, GPT, dict | None]:
+    model, step = build_step(cfg, batch, compile, warmup=warmup)
+    median = median_step_seconds(step, steps)
     return batch * cfg.block_size / median, model, step_breakdown(step) if breakdown else None
+
+
+def compare_variants(cfg: GPTConfig, batch: int, steps: int, compile: bool, variants: list[str],
+                     rounds: int) -> list[str]:
+    """Each variant's fraction of peak per round, and its step time over the first variant's in that round."""
+    built = {}
+    for name in variants:
+        # no dynamo reset: every model instance gets its own compiled entry, made under its own knobs
+        built[name] = build_step(cfg, batch, compile, frozenset(parse_variant(name)))
+    tokens = batch * cfg.block_size
+    flops_per_token = next(iter(built.values()))[0].flops_per_token()
+    fractions = {name: [] for name in variants}
+    ratios = {name: [] for name in variants}
+    for r in range(rounds):
+        peak = matmul_peak_flops()
+        seconds = {name: median_step_seconds(step, steps) for name, (_, step) in built.items()}
+        for name in variants:
+            fractions[name].append(tokens / seconds[name] * flops_per_token / peak)
+            ratios[name].append(seconds[name] / seconds[variants[0]])
+        print(f"round {r + 1}/{rounds}, peak {peak / 1e9:.0f} GFLOP/s: "
+              + ", ".join(f"{n} {seconds[n] * 1e3:.0f} ms" for n in variants), flush=True)
+    lines = [f"variants side by side: {rounds} interleaved rounds, each a fresh peak then every variant's median of "
+             f"{steps} steps; step time relative to {variants[0]} in the same round"]
+    for name in variants:
+        f, q = fractions[name], ratios[name]
+        lines.append(f"{name}: fraction of peak {statistics.mean(f):.1%} (rounds: "
+                     + ", ".join(f"{v:.1%}" for v in f) + f"); step time x{statistics.mean(q):.3f} "
+                     f"(range {min(q):.3f}-{max(q):.3f})")
+    return lines
 
 
 def main() -> None:
@@ -99,10 +174,25 @@ def main() -> None:
     ap.add_argument("--mlp", default="relu2")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (inductor fuses the elementwise ops)")
     ap.add_argument("--profile", action="store_true", help="also print where a step's time goes (torch.profiler)")
+    ap.add_argument("--variants", default="", help="comma-separated step variants timed side by side, e.g. "
+                    "default,sdpa_math,cpp_wrapper+fused_adamw (knobs: " + ", ".join(VARIANT_KNOBS) + ")")
+    ap.add_argument("--rounds", type=int, default=5, help="--variants: interleaved timing rounds")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "pretrain_throughput.md"))
     args = ap.parse_args()
 
     cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, depth=args.depth, n_embd=args.n_embd, mlp=args.mlp)
+    if args.variants:
+        variants = args.variants.split(",")
+        for name in variants:
+            parse_variant(name)  # fail before any compiling
+        c = cfg.resolved()
+        lines = [f"model: depth {c.depth}, width {c.n_embd}, heads {c.n_head}, mlp {c.mlp}, vocab {c.vocab_size}, "
+                 f"context {c.block_size}; batch {args.batch} x {args.block} tokens, fp32, "
+                 f"{torch.get_num_threads()} threads, compile={args.compile}"]
+        lines += compare_variants(cfg, args.batch, args.steps, args.compile, variants, args.rounds)
+        print("\n".join(lines))
+        append_results(args.results, lines)
+        return
     peak_before = matmul_peak_flops()
     tok_s, model, split = train_throughput(cfg, args.batch, args.steps, compile=args.compile, breakdown=args.profile)
     peak_after = matmul_peak_flops()

@@ -47,3 +47,13 @@ def test_throughput_breakdown_counts_the_matrix_products_flops():
     # token (the embedding is a lookup, not a product); attention's own products run inside SDPA's kernel
     linear_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight")
     assert split["matmul_flops"] == pytest.approx(6 * linear_params * 2 * 16, rel=0.01)
+
+
+def test_throughput_variants_run_side_by_side_and_reject_unknown_knobs():
+    cfg = GPTConfig(vocab_size=64, block_size=16, depth=1, n_embd=32, n_head=2)
+    lines = pretrain_throughput.compare_variants(cfg, batch=2, steps=2, compile=False,
+                                                 variants=["default", "sdpa_math+fused_adamw"], rounds=2)
+    assert lines[1].startswith("default: ") and "x1.000 (range 1.000-1.000)" in lines[1]
+    assert lines[2].startswith("sdpa_math+fused_adamw: ")
+    with pytest.raises(SystemExit, match="unknown variant knob"):
+        pretrain_throughput.parse_variant("default+flash3")
