@@ -11,7 +11,7 @@ every row alike):
   embeddings, AdamW at lr 1e-3 with beta2 0.99, warmup 100 and cosine to 1e-4) and its own training loop:
   the baseline every gain is measured against, and the per-step cost of a plain model of the same shape;
 - ``scalelab``: the task's config as it is (RoPE, RMSNorm, ReLU², QK-norm, the config's optimizer and schedule:
-  Muon for shakespeare, AdamW for world);
+  Muon for both since 2026-12-06, the world model's for 270 steps; ``adamw_450`` is the demo's earlier recipe);
 - one row per recipe switch, each the ``scalelab`` row plus ``--set`` overrides (see ROWS).
 
 The target: ``--target`` (shakespeare default 1.886, nanoGPT's val loss after 2,000 steps; world default: the
@@ -73,6 +73,10 @@ ROWS: dict[str, list[str]] = {
     "muon_270": ["train.optim.name=muon", "train.steps=270"],
     # the same at twice Muon's default peak rate: a short schedule may want a larger step
     "muon_270_lr04": ["train.optim.name=muon", "train.steps=270", "train.optim.muon_lr=0.04"],
+    # the demo's recipe before 2026-12-06 (AdamW for 450 steps): on the world task, the 60% target's reference
+    "adamw_450": ["train.optim.name=adamw", "train.steps=450"],
+    # logit soft-capping as in modded-nanogpt and nanochat (cap 15): Muon's default recipe plus the cap
+    "muon_softcap": ["train.optim.name=muon", "model.logit_softcap=15"],
 }
 DEFAULT_ROWS = ["classic", "scalelab", "adamw", "muon", "muon_no_qk_norm", "muon_gelu"]
 

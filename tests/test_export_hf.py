@@ -90,6 +90,7 @@ def test_export_matches_logits_and_greedy(tmp_path, bpe, options, arch):
     [
         (dict(mlp="relu2"), r'model.mlp=relu2 .*model.mlp="swiglu"'),
         (dict(mlp="gelu"), r"model.mlp=gelu"),
+        (dict(mlp="swiglu", logit_softcap=15.0), r"model.logit_softcap has no known Hugging Face equivalent"),
     ],
 )
 def test_unmappable_config_is_refused(tmp_path, options, message):

@@ -125,3 +125,26 @@ def test_overfits_a_single_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_logit_softcap_bounds_the_logits():
+    plain, capped = make_model(), make_model(logit_softcap=2.0)
+    capped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(20.0)  # push the raw logits well past the cap
+        capped.lm_head.weight.mul_(20.0)
+        a, b = plain(x), capped(x)
+    assert a.abs().max() > 4.0 and b.abs().max() <= 2.0
+    assert torch.allclose(b, 2.0 * torch.tanh(a / 2.0), atol=1e-5)
+    # the loss and the KV-cache path read the same capped logits
+    y = torch.randint(0, 61, (2, 20))
+    assert capped(x, y).item() == pytest.approx(torch.nn.functional.cross_entropy(b.view(-1, 61), y.view(-1)).item(), rel=1e-5)
+    cache = KVCache(capped.config, 2, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.cat([capped(x[:, :9], cache=cache), capped(x[:, 9:], cache=cache)], 1), b, atol=1e-5)
+
+
+def test_negative_logit_softcap_is_a_clear_error():
+    with pytest.raises(ScalelabError, match="logit_softcap must be 0"):
+        make_model(logit_softcap=-1.0)

@@ -218,7 +218,7 @@ def continuation_nats(model, family: str, windows: torch.Tensor, P: int, n_vocab
             h = model.hidden_states(windows)
         else:
             h = fam.hidden_with_mask(model, windows, fam.prefix_lm_mask(torch.full((W,), P), T))
-        logp = torch.log_softmax(model.lm_head(h[:, P - 1:T - 1]).float()[..., :n_vocab], dim=-1)
+        logp = torch.log_softmax(model.logits(h[:, P - 1:T - 1]).float()[..., :n_vocab], dim=-1)
         return -logp.gather(-1, windows[:, P:, None])[..., 0]
     mask_id = n_vocab
     targets = torch.arange(P, T)
@@ -235,7 +235,7 @@ def continuation_nats(model, family: str, windows: torch.Tensor, P: int, n_vocab
             h = fam.hidden_with_mask(model, ids, fam.padded_bidirectional_mask(lengths, T))
         else:
             raise ScalelabError(f"unknown MLM scoring mode '{mode}' (modes: fill, pll)")
-        logp = torch.log_softmax(model.lm_head(h[torch.arange(len(targets)), targets]).float()[:, :n_vocab], dim=-1)
+        logp = torch.log_softmax(model.logits(h[torch.arange(len(targets)), targets]).float()[:, :n_vocab], dim=-1)
         rows.append(-logp.gather(-1, w[targets][:, None])[:, 0])
     return torch.stack(rows)
 

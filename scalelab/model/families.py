@@ -124,7 +124,7 @@ def head_loss(model: GPT, h: torch.Tensor, targets: torch.Tensor, reduction: str
     keep = targets != -1
     if not keep.any():
         raise ScalelabError("no position carries a loss in this batch")
-    logits = model.lm_head(h[keep])
+    logits = model.logits(h[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
 
@@ -251,12 +251,12 @@ def next_token_logits(model: GPT, family: str, context: list[int], prompt_len: i
         if mask_id is None:
             raise ScalelabError("the MLM needs its mask_id to generate")
         ids = torch.tensor([context + [mask_id] * fill_masks], device=device)
-        return model.lm_head(hidden_with_mask(model, ids, None)[0, len(context)])
+        return model.logits(hidden_with_mask(model, ids, None)[0, len(context)])
     ids = torch.tensor([context], device=device)
     if family == "decoder":
         return model(ids)[0, -1]
     h = hidden_with_mask(model, ids, prefix_lm_mask(torch.tensor([prompt_len], device=device), len(context)))
-    return model.lm_head(h[0, -1])
+    return model.logits(h[0, -1])
 
 
 @torch.no_grad()

@@ -41,6 +41,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # > 0: logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt), bounding how sure the model can get;
+    # 0 leaves the logits as they are. Every path to the logits goes through GPT.logits.
+    logit_softcap: float = 0.0
     # The fields below exist for imported checkpoints (scalelab.infer.import_hf); their defaults
     # leave every model trained here exactly as it was.
     attn_bias: bool = False  # biases on q/k/v (Qwen2), never on o_proj
@@ -78,6 +81,8 @@ class GPTConfig:
             raise ScalelabError("invalid config: model.block_size must be at least 2")
         if self.mlp not in ("relu2", "swiglu", "gelu"):
             raise ScalelabError("invalid config: model.mlp must be one of relu2, swiglu, gelu")
+        if self.logit_softcap < 0:
+            raise ScalelabError("invalid config: model.logit_softcap must be 0 (off) or positive")
         if self.head_dim % 2:
             raise ScalelabError("invalid config: model.head_dim must be even (RoPE rotates pairs)")
         if self.rope_scaling not in ("", "llama3"):
@@ -284,12 +289,18 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored (masked positions, e.g. prompts in SFT).
         """
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        logits = self.logits(self.hidden_states(idx, cache))
         if targets is None:
             return logits
         return F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
         )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final-norm hidden states, soft-capped when the config asks for it."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, n_embd) that lm_head reads: the input of reward and value heads,

@@ -145,7 +145,7 @@ def reply_logprobs_and_entropy(model: GPT, ids: torch.Tensor, mask: torch.Tensor
     """
     where = mask.bool()
     hidden = model.hidden_states(ids[:, :-1])
-    logp_all = F.log_softmax(model.lm_head(hidden[where]).float() / temperature, -1)  # (N, V)
+    logp_all = F.log_softmax(model.logits(hidden[where]).float() / temperature, -1)  # (N, V)
     picked = torch.gather(logp_all, 1, ids[:, 1:][where].unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device).masked_scatter(where, picked)
     with torch.no_grad():
