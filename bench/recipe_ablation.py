@@ -15,7 +15,9 @@ every row alike):
 - one row per recipe switch, each the ``scalelab`` row plus ``--set`` overrides (see ROWS).
 
 The target: ``--target`` (shakespeare default 1.886, nanoGPT's val loss after 2,000 steps; world default: the
-``scalelab`` row's mean final val loss, i.e. the demo's own result). A row's "steps to target" is the first
+``--target-row`` row's mean final val loss; unnamed, the ``scalelab`` row, i.e. the demo's own result, or the
+first row). The demo's 60%-of-steps comparison is ``--tasks world --seeds 3 --rows adamw_450,scalelab
+--target-row adamw_450``. A row's "steps to target" is the first
 evaluation at or under it; its "time to target" the training time (evaluations excluded) up to that step.
 Validation loss is the mean over ``--eval-batches`` fixed windows of the validation split.
 
@@ -284,6 +286,9 @@ def main() -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--target", type=float, action="append", default=[],
                     help="target val loss per task, in --tasks order (default: see the module doc)")
+    ap.add_argument("--target-row", default=None,
+                    help="a task without --target aims at this row's mean final val loss (default: scalelab, "
+                         "else the first row)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every task and row")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=16)
@@ -294,6 +299,9 @@ def main() -> int:
     for name in rows:
         if name not in ("classic", "scalelab", *ROWS):
             raise ScalelabError(f"unknown row {name!r}; rows: classic, scalelab, {', '.join(ROWS)}")
+    target_row = args.target_row or ("scalelab" if "scalelab" in rows else rows[0])
+    if target_row not in rows:
+        raise ScalelabError(f"--target-row {args.target_row!r} is not among --rows ({', '.join(rows)})")
     targets = dict(zip(tasks, args.target))
 
     all_results: dict[str, tuple[float, dict[str, list[RunResult]]]] = {}
@@ -324,7 +332,7 @@ def main() -> int:
                     print(f"{name} {row} seed {seed}: final val {r.evals[-1][2]:.4f}, {r.step_ms:.1f} ms/step", flush=True)
             target = task.target
             if target is None:
-                target = statistics.mean(r.evals[-1][2] for r in results.get("scalelab", results[rows[0]]))
+                target = statistics.mean(r.evals[-1][2] for r in results[target_row])
             all_results[name] = (target, results)
             t, m = task.cfg.train, task.cfg.model.resolved()
             lines.append(f"{name}: {t.steps} steps of {t.batch_size} x {m.block_size} tokens; scalelab model "

@@ -33,3 +33,12 @@ def test_missing_corpus_is_a_one_line_error(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: tiny Shakespeare not found at {tmp_path / 'none.txt'} (pass --data, or drop 'shakespeare' from --tasks)"]
     assert not (tmp_path / "r.md").exists()
+
+
+def test_target_row_outside_the_rows_is_a_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "recipe_ablation.py"), "--quick", "--tasks", "world",
+                        "--rows", "scalelab", "--target-row", "adamw_450", "--results", str(tmp_path / "r.md")],
+                       env=subprocess_env(1), capture_output=True, text=True, cwd=BENCH, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --target-row 'adamw_450' is not among --rows (scalelab)"]
+    assert not (tmp_path / "r.md").exists()
