@@ -181,6 +181,8 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, depth=args.depth, n_embd=args.n_embd, mlp=args.mlp)
+    if args.variants and args.profile:
+        ap.error("--profile times one step; run it without --variants")
     if args.variants:
         variants = args.variants.split(",")
         for name in variants:
